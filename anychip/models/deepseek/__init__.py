@@ -1,0 +1,10 @@
+"""DeepSeek-V3 family: model, named sizes, Hugging Face name mapping."""
+
+from .args import ConfigError, ModelArgs, YarnScaling
+from .model import DeepSeekV3, KVCache, LossOutput
+from .presets import PRESETS, count_parameters, preset
+
+__all__ = [
+    "PRESETS", "ConfigError", "DeepSeekV3", "KVCache", "LossOutput", "ModelArgs", "YarnScaling",
+    "count_parameters", "preset",
+]  # fmt: skip
