@@ -231,7 +231,7 @@ def load_hf(
     for file in _weight_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     _load_tensor(args, f, key, file, targets, filled)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None

@@ -404,9 +404,7 @@ class DeepSeekV3(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(
-            MTP(args, args.num_hidden_layers + k) for k in range(args.num_nextn_predict_layers)
-        )
+        self.mtp = nn.ModuleList(MTP(args, args.num_hidden_layers + k) for k in range(args.num_nextn_predict_layers))
         self.rope = RotaryEmbedding(args)
 
     # -- initialisation --------------------------------------------------------------
