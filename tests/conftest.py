@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from anychip.models import DeepSeekV3, ModelArgs, preset, save_hf
+
+# Tests use tiny tensors: one thread is fastest and immune to a busy second core.
+torch.set_num_threads(1)
+
+# Small shapes that still exercise every branch of the architecture.
+BASE = dict(
+    vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=12,
+    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, intermediate_size=48, first_k_dense_replace=1,
+    moe_intermediate_size=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+    topk_group=1, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def make_args(**overrides) -> ModelArgs:
+    return ModelArgs(**{**BASE, **overrides})
+
+
+def make_model(args: ModelArgs, seed: int = 0, bias_std: float = 0.05) -> DeepSeekV3:
+    """A randomly initialised model whose balancing biases are non-zero too."""
+    torch.manual_seed(seed)
+    model = DeepSeekV3(args)
+    model.init_weights(seed=seed)
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.normal_(0, bias_std)
+    return model
+
+
+def to_transformers(model: DeepSeekV3, path):
+    """The same weights in transformers' DeepseekV3ForCausalLM (through save_hf)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    save_hf(model, path)
+    peer = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    return peer.eval()
+
+
+@pytest.fixture
+def debug_args() -> ModelArgs:
+    return preset("debug")
