@@ -127,7 +127,8 @@ def flops_per_token(args, seq: int) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------- models
 
 
-def build_models(args, dtype: torch.dtype, seed: int, experts_impl: str, tmp: Path):
+def build_models(args, seed: int, experts_impl: str, tmp: Path):
+    """Ours (float32, ``init_weights(seed)``) and the peer loaded from its save_hf copy."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
 
     impl = "grouped_mm" if a.peer_experts == "auto" else a.peer_experts
     with tempfile.TemporaryDirectory(prefix="anychip-bench-") as tmp:
-        ours, peer = build_models(args, torch.float32, a.seed, impl, Path(tmp))
+        ours, peer = build_models(args, a.seed, impl, Path(tmp))
     step_ours, step_peer = make_steps(ours, peer, input_ids, labels)
 
     check = check_same_work(step_ours, step_peer, ours, peer)  # float32, whatever --dtype

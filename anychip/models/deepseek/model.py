@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel, same math
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -175,7 +177,11 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(-1, n_h, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         causal = mask is None and (cache is None or cache.pos == 0) and seqlen > 1
+        if a.v_head_dim < a.qk_head_dim:
+            # fused attention kernels want one head size for q, k and v: pad v with zeros, drop after
+            v = F.pad(v, (0, a.qk_head_dim - a.v_head_dim))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        o = o[..., : a.v_head_dim]
         return self.o_proj(o.transpose(1, 2).reshape(bsz, seqlen, n_h * a.v_head_dim))
 
 
