@@ -392,11 +392,12 @@ class MTP(nn.Module):
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # what to back-propagate: lm + lambda * mean(mtp) + balance
+    loss: torch.Tensor | None  # what to back-propagate: lm + lambda * mean(mtp) + balance (mean reduction)
     lm_loss: torch.Tensor
     mtp_losses: list[torch.Tensor]  # one per depth k
     balance_loss: torch.Tensor | None
     num_tokens: torch.Tensor  # label tokens counted in lm_loss
+    mtp_tokens: list[torch.Tensor]  # label tokens counted in each MTP loss
 
 
 class DeepSeekV3(nn.Module):
@@ -498,21 +499,43 @@ class DeepSeekV3(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids [B, L] -> logits [B, L, vocab]."""
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> torch.Tensor | LossOutput:
+        """input_ids [B, L] -> logits [B, L, vocab]; with ``labels``, the training losses
+        (see ``loss``). Going through ``forward`` keeps FSDP/DDP hooks in the path."""
+        if labels is not None:
+            return self._loss(input_ids, labels, ignore_index, reduction)
         return self.lm_head(self.hidden_states(input_ids, cache, attention_mask, positions))
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> LossOutput:
+    def loss(self, input_ids, labels, ignore_index: int = -100, reduction: str = "mean") -> LossOutput:
         """Next-token cross-entropy on ``labels`` (already shifted: labels[t] is the token
         after input_ids[t]; ``ignore_index`` masks), plus the MTP losses (eq. 25, weight
-        lambda) and the sequence-wise balance loss (alpha) when enabled."""
+        lambda; depth k at position i predicts labels[i + k]) and the sequence-wise
+        balance loss (alpha) when enabled.
+
+        ``reduction="mean"``: ``loss`` = lm + lambda * mean_k(mtp_k) + balance, each a
+        mean over its tokens. ``reduction="sum"``: lm and MTP terms are sums and
+        ``loss`` is None; the caller normalises by token counts gathered over
+        micro-batches and ranks (``num_tokens``, ``mtp_tokens``)."""
+        return self(input_ids, labels=labels, ignore_index=ignore_index, reduction=reduction)
+
+    def _loss(self, input_ids, labels, ignore_index, reduction) -> LossOutput:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction = {reduction!r}; expected 'mean' or 'sum'")
+
+        def ce(h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.lm_head(h).flatten(0, 1).float()
+            total = F.cross_entropy(logits, target.flatten(), ignore_index=ignore_index, reduction="sum")
+            return total, (target != ignore_index).sum()
+
         h = self.hidden_states(input_ids)
-        n_tok = (labels != ignore_index).sum()
-        lm_loss = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
-        mtp_losses = []
+        lm_loss, n_tok = ce(h, labels)
+        mtp_losses, mtp_tokens = [], []
         if self.mtp and self.args.mtp_loss_weight:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             for k, module in enumerate(self.mtp, start=1):
@@ -522,18 +545,21 @@ class DeepSeekV3(nn.Module):
                 h = h[:, :-1]
                 cos, sin = self.rope(positions[:, : h.shape[1]], h.dtype)
                 h = module(h, self.embed_tokens(input_ids[:, k:]), cos, sin)
-                logits = self.lm_head(h).flatten(0, 1).float()
-                target = labels[:, k:].flatten()
-                if (target != ignore_index).any():
-                    mtp_losses.append(F.cross_entropy(logits, target, ignore_index=ignore_index))
-        loss = lm_loss
-        if mtp_losses:
-            loss = loss + self.args.mtp_loss_weight * torch.stack(mtp_losses).mean()
+                total, count = ce(h, labels[:, k:])
+                mtp_losses.append(total)
+                mtp_tokens.append(count)
         balance = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else None
-        if balance_loss is not None:
-            loss = loss + balance_loss
-        return LossOutput(loss, lm_loss, mtp_losses, balance_loss, n_tok)
+        loss = None
+        if reduction == "mean":
+            lm_loss = lm_loss / n_tok.clamp(min=1)
+            mtp_losses = [t / c.clamp(min=1) for t, c in zip(mtp_losses, mtp_tokens)]
+            loss = lm_loss
+            if mtp_losses:
+                loss = loss + self.args.mtp_loss_weight * torch.stack(mtp_losses).mean()
+            if balance_loss is not None:
+                loss = loss + balance_loss
+        return LossOutput(loss, lm_loss, mtp_losses, balance_loss, n_tok, mtp_tokens)
 
     # -- auxiliary-loss-free load balancing -----------------------------------------
 

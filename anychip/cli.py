@@ -1,0 +1,122 @@
+"""`anychip` command line: train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .launch import default_run_dir
+
+
+def _train(a: argparse.Namespace) -> int:
+    sets = list(a.sets)
+    if a.nproc is not None:
+        sets.append(f"parallel.nproc={a.nproc}")
+    cfg = load_config(a.config, sets)
+    if a.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    run_dir = a.run_dir or default_run_dir()
+    if cfg.parallel.nproc == 1:
+        from .train.loop import train
+
+        state = train(cfg, run_dir)
+        return 0 if state.step == cfg.train.steps else 1
+    return launch_workers(cfg, Path(run_dir))
+
+
+def launch_workers(cfg, run_dir: Path) -> int:
+    """Start ``parallel.nproc`` local workers through torch.distributed's elastic agent
+    (what torchrun uses), each running ``python -m anychip.launch`` on the resolved config."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.toml"
+    config_file.write_text(cfg.to_toml())
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.parallel.nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    elastic_launch(launch, entrypoint=sys.executable)(
+        "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
+    )
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .data import ReasoningTasks, load_tokenizer
+    from .device import get_device
+    from .eval import evaluate
+    from .models import load_hf
+
+    path = Path(a.path)
+    tokenizer_spec, tasks, seed = a.tokenizer, a.task, 0
+    if (path / "config.toml").is_file():  # a run directory
+        cfg = load_config(path / "config.toml")
+        tokenizer_spec = tokenizer_spec or cfg.data.tokenizer
+        tasks = tasks or cfg.data.tasks
+        seed = cfg.train.seed
+        heldout_size = cfg.data.heldout_size
+        path = path / "final"
+    else:
+        heldout_size = a.n
+    if not tasks:
+        raise ConfigError("anychip eval: name the task with --task (no run config to take it from)")
+    device = get_device(None if a.device in (None, "auto") else a.device)
+    model = load_hf(path, device=device.torch_device())
+    tokenizer = load_tokenizer(tokenizer_spec or "byte")
+    heldout = ReasoningTasks(tasks, seed=seed, split="heldout", heldout_size=max(heldout_size, a.n))
+    examples = [heldout.example(i) for i in range(a.n)]
+    with torch.no_grad():
+        result = evaluate(model, tokenizer, examples, a.max_new_tokens, a.batch_size)
+    report = {"accuracy": result.accuracy, "correct": result.correct, "n": result.n, "tasks": tasks,
+              "model": str(path), "samples": result.samples}  # fmt: skip
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"held-out accuracy on {','.join(tasks)}: {result.accuracy:.1%} ({result.correct:g}/{result.n})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anychip", description="vendor-neutral, fault-tolerant LLM training")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (default: tiny DeepSeek-V3 on reasoning-gym arithmetic)")
+    t.add_argument("config", nargs="?", help="TOML file (default: the embedded default)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.add_argument("--nproc", type=int, help="local worker processes (parallel.nproc)")
+    t.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="held-out accuracy of a run (RUN_DIR) or a Hugging Face directory")
+    e.add_argument("path", help="run directory or Hugging Face model directory")
+    e.add_argument("--task", action="append", default=[], help="reasoning-gym task (default: the run's)")
+    e.add_argument("--n", type=int, default=200, help="problems to score")
+    e.add_argument("--tokenizer", default="", help="byte or tokenizer.json (default: the run's, else byte)")
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--device", default=None, help="device type (default: auto)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(fn=_eval)
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"anychip: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Run configuration: TOML plus ``--set section.key=value`` overrides, into one typed
+dataclass per component. Every key is checked before any work starts: an unknown
+key, a wrong type or an impossible value is a ConfigError naming the file, the key,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import tomli_w
+
+from .models.deepseek.args import ConfigError, ModelArgs
+from .models.deepseek.presets import PRESETS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    """``preset`` names the shapes; any ModelArgs field (e.g. ``num_hidden_layers``)
+    given beside it overrides the preset."""
+
+    preset: str = "tiny"
+    init_from: str = ""  # "" = random init; "hf:DIR" = a Hugging Face directory
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    mode: str = "sft"  # "pretrain": loss on every token; "sft": on completion tokens only
+    global_batch: int = 32  # sequences per optimizer step, all ranks together
+    micro_batch: int = 0  # sequences per forward pass and rank; 0 = global_batch / world (no accumulation)
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    dtype: str = "auto"  # autocast: auto | float32 | bfloat16 | float16
+    log_interval: int = 10
+
+
+@dataclass
+class DataConfig:
+    source: str = "reasoning_gym"  # reasoning_gym | jsonl | text
+    tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
+    path: str = ""  # jsonl / text corpus
+    text_field: str = "text"
+    prompt_field: str = ""
+    completion_field: str = ""
+    tokenizer: str = "byte"  # "byte" or a path to tokenizer.json
+    heldout_size: int = 200
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto | cpu | cuda | npu | xpu | mps (env ANYCHIP_DEVICE when auto)
+
+
+@dataclass
+class ParallelConfig:
+    nproc: int = 1  # local worker processes started by `anychip train`
+    strategy: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp; used when world size > 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = only the final model (Hugging Face format)
+    keep: int = 2
+
+
+@dataclass
+class EvalConfig:
+    n: int = 200  # held-out problems scored at the end of training
+    max_new_tokens: int = 48
+    batch_size: int = 50
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True  # rich progress bar on a terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
+        """ModelArgs of the preset with the overrides; vocab grows to fit the tokenizer."""
+        args = PRESETS[self.model.preset].replace(**self.model.overrides)
+        if vocab_size is not None and args.vocab_size < vocab_size:
+            if "vocab_size" in self.model.overrides:
+                raise ConfigError(
+                    f"model.vocab_size = {args.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
+                )
+            args = args.replace(vocab_size=vocab_size)
+        return args
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            if f.name == "model":
+                section.update(section.pop("overrides"))
+            out[f.name] = section
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()[:12]
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+DEFAULT_CONFIG = "default.toml"
+
+
+def default_config_text() -> str:
+    return resources.files("anychip.configs").joinpath(DEFAULT_CONFIG).read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The resolved Config: defaults < the TOML file (the embedded default when None)
+    < ``overrides`` ("section.key=value", value in TOML syntax, bare words as strings).
+    Raises ConfigError naming the file, key, value and expectation; FileNotFoundError
+    for a missing file."""
+    if path is None:
+        source, text = f"<embedded {DEFAULT_CONFIG}>", default_config_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        source, text = str(p), p.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    cfg = Config()
+    _apply(cfg, raw, source)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _apply(cfg, {section: {key: value}}, f"--set {item}")
+    validate(cfg, source + (f" with --set {' '.join(overrides)}" if overrides else ""))
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, str, object]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+    dotted, text = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: a string
+    return section, key, value
+
+
+def _apply(cfg: Config, raw: dict, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of keys, got {values!r}")
+        section = getattr(cfg, name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            where = f"{source}: {name}.{key} = {value!r}"
+            if name == "model" and key not in hints:
+                section.overrides[key] = _model_value(key, value, where)
+                continue
+            if key not in hints or key == "overrides":
+                known = ", ".join(k for k in hints if k != "overrides")
+                raise ConfigError(f"{source}: unknown key {name}.{key}; known keys of [{name}]: {known}")
+            setattr(section, key, _coerce(value, hints[key], where))
+
+
+def _model_value(key: str, value, where: str):
+    fields = {f.name: f for f in dataclasses.fields(ModelArgs) if f.name != "hf_extra"}
+    if key not in fields:
+        known = ", ".join(["preset", "init_from", *fields])
+        raise ConfigError(f"{where}: unknown key; known keys of [model]: {known}")
+    hint = typing.get_type_hints(ModelArgs)[key]
+    if key == "rope_scaling":
+        raise ConfigError(f"{where}: rope_scaling cannot be set from a config file; choose a preset")
+    return _coerce(value, hint, where)
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        if isinstance(value, str) and value.lower() == "none" and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return value
+    return value
+
+
+_CHOICES = {
+    ("train", "mode"): ("pretrain", "sft"),
+    ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("data", "source"): ("reasoning_gym", "jsonl", "text"),
+    ("device", "type"): ("auto", "cpu", "cuda", "npu", "xpu", "mps"),
+    ("parallel", "strategy"): ("fsdp", "ddp"),
+}
+_POSITIVE = [
+    ("train", "steps"), ("train", "global_batch"), ("train", "seq_len"), ("train", "log_interval"),
+    ("parallel", "nproc"), ("checkpoint", "keep"), ("eval", "max_new_tokens"), ("eval", "batch_size"),
+]  # fmt: skip
+_NON_NEGATIVE = [
+    ("train", "micro_batch"), ("train", "warmup_steps"), ("train", "weight_decay"), ("train", "grad_clip"),
+    ("checkpoint", "interval"), ("eval", "n"), ("data", "heldout_size"),
+]  # fmt: skip
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check values that each have a valid type but may be impossible."""
+
+    def bad(section: str, key: str, expected: str) -> ConfigError:
+        value = getattr(getattr(cfg, section), key)
+        return ConfigError(f"{source}: {section}.{key} = {value!r} is invalid: expected {expected}")
+
+    for (section, key), choices in _CHOICES.items():
+        if getattr(getattr(cfg, section), key) not in choices:
+            raise bad(section, key, "one of " + ", ".join(choices))
+    for section, key in _POSITIVE:
+        if getattr(getattr(cfg, section), key) <= 0:
+            raise bad(section, key, "> 0")
+    for section, key in _NON_NEGATIVE:
+        if getattr(getattr(cfg, section), key) < 0:
+            raise bad(section, key, ">= 0")
+    t = cfg.train
+    if not 0 < t.lr < 1:
+        raise bad("train", "lr", "in (0, 1)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise bad("train", "min_lr_ratio", "in [0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise bad("train", key, "in [0, 1)")
+    if t.micro_batch and t.global_batch % t.micro_batch:
+        raise bad("train", "micro_batch", f"a divisor of train.global_batch = {t.global_batch}")
+    if cfg.model.preset not in PRESETS:
+        raise bad("model", "preset", "one of " + ", ".join(PRESETS))
+    if cfg.model.init_from and not cfg.model.init_from.startswith("hf:"):
+        raise bad("model", "init_from", '"" (random) or "hf:DIR"')
+    try:
+        args = cfg.model_args()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if t.seq_len > args.max_position_embeddings:
+        raise bad("train", "seq_len", f"<= model max_position_embeddings = {args.max_position_embeddings}")
+    if cfg.data.source == "reasoning_gym" and not cfg.data.tasks:
+        raise bad("data", "tasks", "at least one reasoning-gym task name")
+    if cfg.data.source in ("jsonl", "text") and not cfg.data.path:
+        raise bad("data", "path", f"the corpus file for data.source = {cfg.data.source!r}")

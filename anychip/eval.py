@@ -1,0 +1,64 @@
+"""Held-out accuracy: greedy decoding with the KV cache on generated problems, scored
+by the task's own verifier (reasoning-gym)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Example, score
+from .generate import generate
+from .models import DeepSeekV3
+
+STOP = "</answer>"
+
+
+@dataclass
+class EvalResult:
+    correct: float
+    n: int
+    samples: list[dict] = field(default_factory=list)  # a few (prompt, output, answer, score) for reading
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def evaluate(
+    model: DeepSeekV3, tokenizer, examples: list[Example], max_new_tokens: int = 48, batch_size: int = 50
+) -> EvalResult:
+    """Greedy-decode a completion for every example's prompt and score it. The model is
+    put in eval mode for the call and restored afterwards."""
+    was_training = model.training
+    model.eval()
+    stop = [tokenizer.encode(STOP)]
+    correct, samples = 0.0, []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [[tokenizer.bos_id, *tokenizer.encode(ex.prompt)] for ex in chunk]
+            outs = generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, stop=stop)
+            for ex, out in zip(chunk, outs):
+                text = tokenizer.decode(out)
+                s = float(score(ex, text))
+                correct += s
+                if len(samples) < 5:
+                    samples.append({"prompt": ex.prompt, "output": text, "answer": ex.answer, "score": s})
+    finally:
+        model.train(was_training)
+    return EvalResult(correct, len(examples), samples)
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Every world_size-th item starting at rank: each rank scores a disjoint part."""
+    return items[rank::world_size]
+
+
+def reduce_result(result: EvalResult, world) -> EvalResult:
+    """Sum correct and n over ranks (samples stay rank 0's)."""
+    from .parallel import all_reduce_sum
+
+    t = torch.tensor([result.correct, float(result.n)], dtype=torch.float64)
+    all_reduce_sum(t, world)
+    return EvalResult(t[0].item(), int(t[1].item()), result.samples)

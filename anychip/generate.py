@@ -1,0 +1,73 @@
+"""Batched sampling with the model's KV cache: prompts of different lengths are
+left-padded, positions start at each prompt's first real token."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import DeepSeekV3, KVCache
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: DeepSeekV3,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    stop: list[list[int]] = (),
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (greedy when temperature
+    is 0), stopping a sequence at ``eos_id`` or when it ends with one of ``stop``.
+    Returns the generated tokens of each prompt (eos and stop sequence included)."""
+    device = model.embed_tokens.weight.device
+    bsz, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((bsz, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(bsz, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model.args, bsz, width + max_new_tokens, device=device, dtype=model.embed_tokens.weight.dtype)
+    logits = model(ids, cache=cache, attention_mask=mask, positions=positions)[:, -1]
+    out: list[list[int]] = [[] for _ in range(bsz)]
+    done = torch.zeros(bsz, dtype=torch.bool)
+    next_pos = positions[:, -1] + 1
+    for _ in range(max_new_tokens):
+        tokens = _sample(logits, temperature, top_k, top_p, generator).cpu()
+        for i in range(bsz):
+            if done[i]:
+                continue
+            out[i].append(int(tokens[i]))
+            if tokens[i] == eos_id or any(s and out[i][-len(s) :] == s for s in stop):
+                done[i] = True
+        if done.all():
+            break
+        tokens[done] = pad_id
+        mask = torch.cat([mask, (~done).long().unsqueeze(1).to(device)], dim=1)
+        logits = model(tokens.unsqueeze(1).to(device), cache=cache, attention_mask=mask, positions=next_pos[:, None])
+        logits = logits[:, -1]
+        next_pos = next_pos + 1
+    return out

@@ -1,0 +1,378 @@
+"""The training loop: one loop for every chip and any number of processes.
+
+    setup: device -> process group -> tokenizer, model -> FSDP2/DDP -> AdamW -> data
+    for step in 1..steps:
+        batch            = data.next_batch()                     hook: before_step
+        forward/backward over micro-batches, loss / global tokens  hook: after_backward
+        clip gradients; lr schedule; optimizer step
+        balancing-bias update from the all-reduced expert loads
+        metrics (loss, lr, grad norm, tokens/s, MFU, memory)      hook: after_step
+    final model (Hugging Face format) and held-out accuracy       hook: on_end
+
+Guards and checkpoints plug into the named hooks; the loop itself does not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
+from ..device import Device, get_device
+from ..eval import EvalResult, evaluate, reduce_result, shard
+from ..models import DeepSeekV3, count_parameters, load_hf, save_hf
+from ..parallel import World, all_reduce_sum, close_world, init_world, parallelize, unwrap
+from .optim import build_optimizer, lr_at, set_lr
+from .runlog import RunLog
+
+HOOK_POINTS = ("on_start", "before_step", "after_backward", "after_step", "on_end")
+
+
+class Hooks:
+    """Named points of the loop; each registered callable gets the trainer state."""
+
+    def __init__(self):
+        self._fns: dict[str, list[Callable]] = defaultdict(list)
+
+    def add(self, point: str, fn: Callable) -> None:
+        if point not in HOOK_POINTS:
+            raise ValueError(f"hook point {point!r} is unknown; known: {', '.join(HOOK_POINTS)}")
+        self._fns[point].append(fn)
+
+    def __call__(self, point: str, state: TrainState) -> None:
+        for fn in self._fns[point]:
+            fn(state)
+
+
+@dataclass
+class TrainState:
+    """What hooks may read (and guards, later, change)."""
+
+    cfg: Config
+    run_dir: Path
+    device: Device
+    world: World
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: TokenBatches
+    log: RunLog
+    tokenizer: object = None
+    step: int = 0
+    batch: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    eval: EvalResult | None = None
+
+
+def build_source(cfg: Config, split: str = "train"):
+    d = cfg.data
+    if d.source == "reasoning_gym":
+        return ReasoningTasks(d.tasks, seed=cfg.train.seed, split=split, heldout_size=d.heldout_size)
+    if split != "train":
+        return None
+    if d.source == "jsonl":
+        return JsonlCorpus(d.path, d.text_field, d.prompt_field or None, d.completion_field or None)
+    return TextCorpus(d.path)
+
+
+def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> DeepSeekV3:
+    """Random init (identical on every rank) or the Hugging Face directory of ``init_from``."""
+    if cfg.model.init_from:
+        path = cfg.model.init_from.removeprefix("hf:")
+        model = load_hf(path, device=device.torch_device(world.local_rank), **_shape_free(cfg.model.overrides))
+        if model.args.vocab_size < vocab_size:
+            raise ValueError(
+                f"model.init_from {path}: vocab_size {model.args.vocab_size} < tokenizer's {vocab_size} tokens"
+            )
+        return model
+    args = cfg.model_args(vocab_size)
+    with torch.device("meta"):
+        model = DeepSeekV3(args)
+    model.to_empty(device=device.torch_device(world.local_rank))
+    model.init_weights(seed=cfg.train.seed)
+    return model
+
+
+def _shape_free(overrides: dict) -> dict:
+    keep = ("mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed")
+    return {k: v for k, v in overrides.items() if k in keep}
+
+
+def autocast_dtype(cfg: Config, device: Device) -> torch.dtype | None:
+    """None: plain float32. ``auto`` picks the device's low-precision dtype on
+    accelerators and float32 on CPU."""
+    if cfg.train.dtype == "float32":
+        return None
+    if cfg.train.dtype == "auto":
+        return None if device.type == "cpu" else device.autocast_dtype()
+    dtype = getattr(torch, cfg.train.dtype)
+    if not device.supports_dtype(dtype):
+        raise ValueError(f"train.dtype = {cfg.train.dtype!r} is not supported on {device.type} ({device.name()})")
+    return dtype
+
+
+def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> TrainState:
+    """Run ``cfg`` to the end in this process (one rank of the job); returns the final state."""
+    run_dir = Path(run_dir)
+    hooks = hooks or Hooks()
+    device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
+    world = init_world(device)
+    log = RunLog(run_dir, world.is_main, cfg.train.steps, cfg.log.tensorboard, cfg.log.progress)
+    try:
+        state = _setup(cfg, run_dir, device, world, log)
+        _run(state, hooks)
+        return state
+    except BaseException as e:
+        log.event("run_end", status="error", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        log.close()
+        close_world(world)
+
+
+def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog) -> TrainState:
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+    device.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, tokenizer.vocab_size, device, world)
+    model.train()
+    model = parallelize(model, world, cfg.parallel.strategy)
+    optimizer = build_optimizer(model, cfg.train, device)
+    data = TokenBatches(
+        build_source(cfg, "train"), tokenizer, cfg.train.seq_len, cfg.train.global_batch,
+        world.rank, world.world_size, cfg.train.mode,
+    )  # fmt: skip
+    state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer)
+    args = unwrap(model).args
+    total, active = count_parameters(args, include_mtp=True)
+    log.event(
+        "run_start", config_digest=cfg.digest(), device=device.type, device_name=device.name(),
+        world_size=world.world_size, strategy=cfg.parallel.strategy if world.distributed else "none",
+        torch=torch.__version__, python=platform.python_version(), parameters=total, activated=active,
+    )  # fmt: skip
+    log.print(
+        f"anychip train: {cfg.model.preset} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active) on "
+        f"{world.world_size} x {device.type} ({device.name()}), {cfg.train.mode} on "
+        f"{cfg.data.source}:{','.join(cfg.data.tasks) if cfg.data.source == 'reasoning_gym' else cfg.data.path}"
+        f" -> {run_dir}"
+    )
+    return state
+
+
+def _run(state: TrainState, hooks: Hooks) -> None:
+    cfg, world, device, log = state.cfg, state.world, state.device, state.log
+    model, optimizer = state.model, state.optimizer
+    core = unwrap(model)
+    args = core.args
+    local_rows = cfg.train.global_batch // world.world_size
+    micro = cfg.train.micro_batch or local_rows
+    if local_rows % micro:
+        raise ValueError(
+            f"train.micro_batch = {micro} does not divide the {local_rows} sequences per rank "
+            f"(global_batch {cfg.train.global_batch} / world size {world.world_size})"
+        )
+    amp = autocast_dtype(cfg, device)
+    flops_per_token = _flops_per_token(args, cfg.train.seq_len)
+    peak = device.peak_flops(amp or torch.float32)
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    hooks("on_start", state)
+    t_start = time.perf_counter()
+    for step in range(state.step + 1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        state.step = step
+        state.batch = state.data.next_batch()
+        hooks("before_step", state)
+        losses = forward_backward(model, state.batch, micro, amp, device, world)
+        hooks("after_backward", state)
+        grad_norm = _clip(model, cfg.train.grad_clip)
+        lr = lr_at(step, cfg.train)
+        set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads = all_reduce_sum(core.expert_loads().detach().float(), world)
+        core.update_balancing_bias(loads)
+        device.synchronize()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(losses["loss"]):
+            log.event("nonfinite_loss", step=step, loss=str(losses["loss"]))
+            raise FloatingPointError(f"step {step}: training loss is {losses['loss']}; stopping (no guard enabled)")
+        state.metrics = {
+            **losses,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time": dt,
+            "tokens_per_s": tokens_per_step / dt,
+            "mfu": flops_per_token * tokens_per_step / dt / (peak * world.world_size) if peak else None,
+            "expert_imbalance": _imbalance(loads),
+            "memory_peak_gb": device.memory_stats()["peak_allocated"] / 2**30,
+        }
+        log.metrics(step, state.metrics)
+        hooks("after_step", state)
+        log.advance(step, f"loss {losses['loss']:.3f}")
+        if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
+            m = state.metrics
+            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+            log.print(
+                f"step {step:5d}  loss {m['loss']:.4f}  lm {m['lm_loss']:.4f}  lr {lr:.2e}  "
+                f"grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
+                f"experts max/mean {m['expert_imbalance']:.2f}"
+            )
+    train_time = time.perf_counter() - t_start
+    _finish(state, train_time)
+    hooks("on_end", state)
+
+
+def forward_backward(model, batch: dict, micro: int, amp, device: Device, world: World) -> dict:
+    """Gradients of the mean loss over every label token of the global batch.
+
+    Each micro-batch contributes its loss *sums* divided by the global token counts
+    (all-reduced up front), times the world size because data parallelism averages
+    gradients over ranks: the result equals one big batch on one process."""
+    core = unwrap(model)
+    args = core.args
+    ids, labels = batch["input_ids"], batch["labels"]
+    dev = core.embed_tokens.weight.device
+    depth = len(core.mtp) if args.mtp_loss_weight else 0
+    counts = [(labels != -100).sum()] + [(labels[:, k:] != -100).sum() for k in range(1, depth + 1)]
+    counts = all_reduce_sum(torch.stack(counts).double(), world).clamp(min=1)
+    rows_global = ids.shape[0] * world.world_size
+    sums = torch.zeros(2 + depth, dtype=torch.float64)  # lm, mtp_1..D, balance
+    chunks = range(0, ids.shape[0], micro)
+    for i, start in enumerate(chunks):
+        last = i == len(chunks) - 1
+        x, y = ids[start : start + micro].to(dev), labels[start : start + micro].to(dev)
+        with _no_sync(model, last), _autocast(device, amp):
+            out = model(x, labels=y, reduction="sum")
+        objective = out.lm_loss / counts[0].item()
+        for k, term in enumerate(out.mtp_losses, start=1):
+            objective = objective + args.mtp_loss_weight / depth * term / counts[k].item()
+        if out.balance_loss is not None:
+            objective = objective + out.balance_loss * x.shape[0] / rows_global
+        (objective * world.world_size).backward()
+        sums[0] += out.lm_loss.item()
+        for k, term in enumerate(out.mtp_losses, start=1):
+            sums[k] += term.item()
+        if out.balance_loss is not None:
+            sums[-1] += out.balance_loss.item() * x.shape[0] / rows_global
+    sums = all_reduce_sum(sums, world)
+    lm = sums[0].item() / counts[0].item()
+    mtp = [sums[k].item() / counts[k].item() for k in range(1, depth + 1)]
+    loss = lm + (args.mtp_loss_weight * sum(mtp) / depth if depth else 0.0) + sums[-1].item()
+    out = {"loss": loss, "lm_loss": lm, "tokens": int(counts[0].item())}
+    if mtp:
+        out["mtp_loss"] = sum(mtp) / depth
+    if args.seq_aux_loss_alpha:
+        out["balance_loss"] = sums[-1].item()
+    return out
+
+
+def _no_sync(model, last: bool):
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return _ResyncFSDP(model)
+    return contextlib.nullcontext()
+
+
+class _ResyncFSDP(contextlib.AbstractContextManager):
+    def __init__(self, model):
+        self.model = model
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+
+
+def _autocast(device: Device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _clip(model, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.grad is not None], max_norm if max_norm > 0 else float("inf")
+    )
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _imbalance(loads: torch.Tensor) -> float:
+    if loads.numel() == 0:
+        return 1.0
+    mean = loads.mean(dim=1).clamp(min=1e-9)
+    return float((loads.max(dim=1).values / mean).max())
+
+
+def _flops_per_token(args, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x activated non-embedding parameters (MTP included)
+    plus attention scores and values (forward + backward), causal mask not discounted."""
+    _, active = count_parameters(args, include_mtp=True)
+    layers = args.num_hidden_layers + args.num_nextn_predict_layers
+    attn = 6 * layers * seq_len * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)
+    return 6.0 * active + attn
+
+
+def _full_model(state: TrainState) -> DeepSeekV3:
+    """A plain (unsharded) copy of the model on every rank, for saving and evaluation."""
+    model, world = state.model, state.world
+    core = unwrap(model)
+    if not world.distributed:
+        return core
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain = DeepSeekV3(core.args).to(state.device.torch_device(world.local_rank))
+    plain.load_state_dict({k.removeprefix("module."): v for k, v in full.items()})
+    plain.materialize_counters()
+    return plain
+
+
+def _finish(state: TrainState, train_time: float) -> None:
+    cfg, world, log = state.cfg, state.world, state.log
+    final = _full_model(state)
+    if world.is_main:
+        save_hf(final, state.run_dir / "final", overwrite=True)
+    heldout = build_source(cfg, "heldout")
+    result = None
+    if heldout is not None and cfg.eval.n:
+        n = min(cfg.eval.n, len(heldout))
+        examples = shard([heldout.example(i) for i in range(n)], world.rank, world.world_size)
+        result = reduce_result(
+            evaluate(final, state.tokenizer, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size), world
+        )
+        state.eval = result
+        log.print(f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}) on {cfg.data.tasks}")
+        for s in result.samples[:3]:
+            log.print(f"  {s['prompt'].strip()!r} -> {s['output']!r} (answer {s['answer']}, score {s['score']:g})")
+        if world.is_main:
+            (state.run_dir / "eval.json").write_text(
+                json.dumps(
+                    {
+                        "accuracy": result.accuracy,
+                        "correct": result.correct,
+                        "n": result.n,
+                        "tasks": cfg.data.tasks,
+                        "samples": result.samples,
+                    },
+                    indent=2,
+                )  # fmt: skip
+            )
+    log.event(
+        "run_end", status="ok", steps=state.step, train_time_s=train_time,
+        final_loss=state.metrics.get("loss"), accuracy=result.accuracy if result else None,
+    )  # fmt: skip
