@@ -302,7 +302,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: {e}") from None
     if t.seq_len > args.max_position_embeddings:
         raise bad("train", "seq_len", f"<= model max_position_embeddings = {args.max_position_embeddings}")
-    if cfg.data.source == "reasoning_gym" and not cfg.data.tasks:
-        raise bad("data", "tasks", "at least one reasoning-gym task name")
-    if cfg.data.source in ("jsonl", "text") and not cfg.data.path:
-        raise bad("data", "path", f"the corpus file for data.source = {cfg.data.source!r}")
+    if cfg.data.source == "reasoning_gym":
+        from reasoning_gym.factory import DATASETS
+
+        unknown = [t for t in cfg.data.tasks if t not in DATASETS]
+        if not cfg.data.tasks or unknown:
+            raise bad("data", "tasks", "reasoning-gym task names, e.g. basic_arithmetic, chain_sum, countdown")
+    if cfg.data.source in ("jsonl", "text") and not Path(cfg.data.path).exists():
+        raise bad("data", "path", f"an existing corpus file for data.source = {cfg.data.source!r}")
+    if cfg.data.tokenizer != "byte" and not Path(cfg.data.tokenizer).exists():
+        raise bad("data", "tokenizer", '"byte" or the path of an existing tokenizer.json')

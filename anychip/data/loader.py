@@ -195,7 +195,7 @@ class TokenBatches:
             "vocab_size": self.tokenizer.vocab_size,
             "cursor": self.cursor,
             "batches": self.stats["batches"],
-            "carry_tokens": [],
+            "carry_tokens": list(self._carry_tokens),
             "carry_trained": list(self._carry_trained),
             "stats": dict(self.stats),
         }

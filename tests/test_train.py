@@ -1,0 +1,114 @@
+"""`anychip train` end to end: one process, two processes (FSDP2 and DDP on gloo),
+gradient accumulation, the run directory, `anychip eval` and the CLI's errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anychip.config import load_config
+from anychip.train.loop import Hooks, train
+
+# a fast run: debug-sized model, byte tokenizer, arithmetic, pretraining on every token
+FAST = [
+    "model.preset=debug", "train.steps=6", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
+    "train.lr=3e-3", "train.mode=sft", "eval.n=4", "eval.max_new_tokens=12", "data.heldout_size=8",
+    "log.tensorboard=false", "device.type=cpu",
+]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run = tmp_path_factory.mktemp("one") / "run"
+    state = train(load_config(None, FAST), run)
+    return run, state
+
+
+def test_run_directory_and_learning(tmp_path):
+    seen = []
+    hooks = Hooks()
+    for point in ("on_start", "before_step", "after_backward", "after_step", "on_end"):
+        hooks.add(point, lambda s, p=point: seen.append((p, s.step)))
+    cfg = load_config(None, [*FAST, "train.steps=40", "train.mode=pretrain", "train.global_batch=8"])
+    state = train(cfg, tmp_path / "run", hooks)
+    m = metrics(tmp_path / "run")
+    assert [r["step"] for r in m] == list(range(1, 41))
+    assert sum(r["loss"] for r in m[-5:]) / 5 < 0.6 * m[0]["loss"]  # it learns
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "memory_peak_gb", "expert_imbalance", "mtp_loss"):
+        assert m[-1][key] is not None and m[-1][key] >= 0, key
+    kinds = [e["event"] for e in events(tmp_path / "run")]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert seen[0] == ("on_start", 0) and seen[-1] == ("on_end", 40)
+    assert seen[1:5] == [("before_step", 1), ("after_backward", 1), ("after_step", 1), ("before_step", 2)]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert load_config(tmp_path / "run" / "config.toml").to_dict() == cfg.to_dict()
+    assert 0 <= state.eval.accuracy <= 1 and state.eval.n == 4
+
+
+def test_gradient_accumulation_equals_one_big_batch(one_process, tmp_path):
+    _, state = one_process
+    accumulated = train(load_config(None, [*FAST, "train.micro_batch=1"]), tmp_path / "acc")
+    a = [r["loss"] for r in metrics(one_process[0])]
+    b = [r["loss"] for r in metrics(tmp_path / "acc")]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for p, q in zip(state.model.parameters(), accumulated.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_processes_equal_one(one_process, tmp_path, strategy):
+    run = tmp_path / strategy
+    r = cli("train", "--nproc", "2", "--run-dir", str(run), *[f"--set={s}" for s in FAST],
+            f"--set=parallel.strategy={strategy}")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    single = metrics(one_process[0])
+    double = metrics(run)
+    assert [m["loss"] for m in double] == pytest.approx([m["loss"] for m in single], rel=1e-5, abs=1e-6)
+    assert [m["grad_norm"] for m in double] == pytest.approx([m["grad_norm"] for m in single], rel=1e-4)
+    start = events(run)[0]
+    assert start["world_size"] == 2 and start["strategy"] == strategy
+    # the final weights agree too
+    from anychip.models import load_hf
+
+    a, b = load_hf(one_process[0] / "final"), load_hf(run / "final")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_eval_command_on_a_run(one_process):
+    run, state = one_process
+    r = cli("eval", str(run), "--n", "4", "--max-new-tokens", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["n"] == 4 and report["tasks"] == ["basic_arithmetic"]
+    assert report["accuracy"] == pytest.approx(state.eval.accuracy)
+
+
+def test_cli_print_config_and_errors(tmp_path):
+    r = cli("train", "--print-config", "--set", "train.steps=7")
+    assert r.returncode == 0 and "steps = 7" in r.stdout and "[checkpoint]" in r.stdout
+    r = cli("train", "--set", "train.stepz=7")
+    assert r.returncode == 2 and "unknown key train.stepz" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "missing.toml" in r.stderr
+    r = cli("train", "--set", "data.tasks=not_a_task", "--set", "train.steps=1", "--run-dir", str(tmp_path / "x"))
+    assert r.returncode == 2 and "not_a_task" in r.stderr and "Traceback" not in r.stderr
