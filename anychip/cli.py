@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(fn=_eval)
     a = p.parse_args(argv)
+    from .device import DeviceError
+
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DeviceError) as err:
         print(f"anychip: {err}", file=sys.stderr)
         return 2
 
