@@ -258,8 +258,11 @@ def test_resume_gives_identical_batches(train_tasks, mode):
     original = TokenBatches(train_tasks, tok, seq_len=150, global_batch=4, mode=mode)
     for _ in range(2):
         original.next_batch()
-    while not original.state_dict()["carry_tokens"]:  # cover a state with tokens carried over
+    for _ in range(20):  # stop at a state with tokens carried over, so resumption must restore them
+        if original.state_dict()["carry_tokens"]:
+            break
         original.next_batch()
+    assert original.state_dict()["carry_tokens"]
     k = original.stats["batches"]
     state = json.loads(json.dumps(original.state_dict()))
     restored = TokenBatches(ReasoningTasks(TASKS, seed=3), tok, seq_len=150, global_batch=4, mode=mode)

@@ -107,8 +107,8 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids`` with special tokens skipped."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of ``ids`` with special tokens (bos, eos, pad and any marked special) skipped."""
+        return self._tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=True)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r})"
