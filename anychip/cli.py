@@ -62,22 +62,28 @@ def _eval(a: argparse.Namespace) -> int:
     from .models import load_hf
 
     path = Path(a.path)
-    tokenizer_spec, tasks, seed = a.tokenizer, a.task, 0
-    if (path / "config.toml").is_file():  # a run directory
+    tokenizer_spec, tasks, seed, options = a.tokenizer, a.task, 0, {}
+    if (path / "config.toml").is_file():  # a run directory: its own held-out split
         cfg = load_config(path / "config.toml")
         tokenizer_spec = tokenizer_spec or cfg.data.tokenizer
-        tasks = tasks or cfg.data.tasks
+        if not tasks or tasks == cfg.data.tasks:
+            tasks, options = cfg.data.tasks, cfg.data.task_options
         seed = cfg.train.seed
         heldout_size = cfg.data.heldout_size
+        if a.n > heldout_size:
+            raise ConfigError(
+                f"anychip eval: --n {a.n} exceeds the run's held-out set (data.heldout_size = {heldout_size}); "
+                "problems beyond it may have been trained on"
+            )
         path = path / "final"
-    else:
+    else:  # a bare model directory: the held-out split of seed 0 (anychip's default training seed)
         heldout_size = a.n
     if not tasks:
         raise ConfigError("anychip eval: name the task with --task (no run config to take it from)")
     device = get_device(None if a.device in (None, "auto") else a.device)
     model = load_hf(path, device=device.torch_device())
     tokenizer = load_tokenizer(tokenizer_spec or "byte")
-    heldout = ReasoningTasks(tasks, seed=seed, split="heldout", heldout_size=max(heldout_size, a.n))
+    heldout = ReasoningTasks(tasks, seed=seed, split="heldout", heldout_size=heldout_size, task_kwargs=options)
     examples = [heldout.example(i) for i in range(a.n)]
     with torch.no_grad():
         result = evaluate(model, tokenizer, examples, a.max_new_tokens, a.batch_size)

@@ -38,13 +38,13 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 600
     seed: int = 0
     mode: str = "sft"  # "pretrain": loss on every token; "sft": on completion tokens only
-    global_batch: int = 32  # sequences per optimizer step, all ranks together
+    global_batch: int = 16  # sequences per optimizer step, all ranks together
     micro_batch: int = 0  # sequences per forward pass and rank; 0 = global_batch / world (no accumulation)
     seq_len: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -59,6 +59,7 @@ class TrainConfig:
 class DataConfig:
     source: str = "reasoning_gym"  # reasoning_gym | jsonl | text
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
+    task_options: dict = field(default_factory=dict)  # per task: reasoning-gym dataset settings
     path: str = ""  # jsonl / text corpus
     text_field: str = "text"
     prompt_field: str = ""
@@ -87,7 +88,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     n: int = 200  # held-out problems scored at the end of training
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     batch_size: int = 50
 
 
@@ -242,6 +243,10 @@ def _coerce(value, hint, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number")
         return float(value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string")
@@ -308,6 +313,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         unknown = [t for t in cfg.data.tasks if t not in DATASETS]
         if not cfg.data.tasks or unknown:
             raise bad("data", "tasks", "reasoning-gym task names, e.g. basic_arithmetic, chain_sum, countdown")
+        extra = [t for t in cfg.data.task_options if t not in cfg.data.tasks]
+        if extra or not all(isinstance(v, dict) for v in cfg.data.task_options.values()):
+            raise bad("data", "task_options", "a table per task of data.tasks, e.g. [data.task_options.chain_sum]")
     if cfg.data.source in ("jsonl", "text") and not Path(cfg.data.path).exists():
         raise bad("data", "path", f"an existing corpus file for data.source = {cfg.data.source!r}")
     if cfg.data.tokenizer != "byte" and not Path(cfg.data.tokenizer).exists():

@@ -76,7 +76,9 @@ class TrainState:
 def build_source(cfg: Config, split: str = "train"):
     d = cfg.data
     if d.source == "reasoning_gym":
-        return ReasoningTasks(d.tasks, seed=cfg.train.seed, split=split, heldout_size=d.heldout_size)
+        return ReasoningTasks(
+            d.tasks, seed=cfg.train.seed, split=split, heldout_size=d.heldout_size, task_kwargs=d.task_options
+        )
     if split != "train":
         return None
     if d.source == "jsonl":
