@@ -112,3 +112,11 @@ def test_cli_print_config_and_errors(tmp_path):
     assert r.returncode == 2 and "missing.toml" in r.stderr
     r = cli("train", "--set", "data.tasks=not_a_task", "--set", "train.steps=1", "--run-dir", str(tmp_path / "x"))
     assert r.returncode == 2 and "not_a_task" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    cfg = load_config(None, [*FAST, "train.dtype=bfloat16", "train.steps=8", "train.mode=pretrain", "eval.n=0"])
+    train(cfg, tmp_path / "bf16")
+    m = metrics(tmp_path / "bf16")
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in m)  # finite
+    assert m[-1]["loss"] < m[0]["loss"]
