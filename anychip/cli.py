@@ -16,22 +16,32 @@ def _train(a: argparse.Namespace) -> int:
     sets = list(a.sets)
     if a.nproc is not None:
         sets.append(f"parallel.nproc={a.nproc}")
-    cfg = load_config(a.config, sets)
+    config = a.config
+    if a.resume is not None:  # continue a stopped run: its own config, plus any --set changes
+        if a.config or a.run_dir:
+            raise ConfigError("anychip train --resume RUN_DIR takes no CONFIG and no --run-dir")
+        config = a.resume / "config.toml"
+        if not config.is_file():
+            raise FileNotFoundError(f"--resume {a.resume}: no config.toml there (not a run directory)")
+    cfg = load_config(config, sets)
     if a.print_config:
         print(cfg.to_toml(), end="")
         return 0
-    run_dir = a.run_dir or default_run_dir()
-    if cfg.parallel.nproc == 1:
+    run_dir = Path(a.resume or a.run_dir or default_run_dir())
+    if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
         from .train.loop import train
 
         state = train(cfg, run_dir)
         return 0 if state.step == cfg.train.steps else 1
-    return launch_workers(cfg, Path(run_dir))
+    return launch_workers(cfg, run_dir)
 
 
 def launch_workers(cfg, run_dir: Path) -> int:
     """Start ``parallel.nproc`` local workers through torch.distributed's elastic agent
-    (what torchrun uses), each running ``python -m anychip.launch`` on the resolved config."""
+    (what torchrun uses), each running ``python -m anychip.launch`` on the resolved config.
+    When a worker dies, the agent restarts all of them (up to ``parallel.max_restarts``
+    times) and they resume from the newest good checkpoint in ``run_dir``."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,12 +54,16 @@ def launch_workers(cfg, run_dir: Path) -> int:
         run_id=str(uuid.uuid4()),
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.5,
+        max_restarts=cfg.parallel.max_restarts,
+        monitor_interval=0.2,
     )
-    elastic_launch(launch, entrypoint=sys.executable)(
-        "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
-    )
+    try:
+        elastic_launch(launch, entrypoint=sys.executable)(
+            "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
+        )
+    except ChildFailedError as e:
+        print(f"anychip: workers failed after {cfg.parallel.max_restarts} restarts: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -96,6 +110,22 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    from .export import export
+
+    path = export(a.run_dir, a.out, a.step, overwrite=a.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def _goodput(a: argparse.Namespace) -> int:
+    from .goodput import format_goodput, goodput
+
+    g = goodput(a.run_dir)
+    print(json.dumps(g.__dict__ | {"goodput": g.ratio}) if a.json else format_goodput(g))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="anychip", description="vendor-neutral, fault-tolerant LLM training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--nproc", type=int, help="local worker processes (parallel.nproc)")
     t.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="held-out accuracy of a run (RUN_DIR) or a Hugging Face directory")
     e.add_argument("path", help="run directory or Hugging Face model directory")
@@ -116,12 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default=None, help="device type (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(fn=_eval)
+    x = sub.add_parser("export", help="a run's checkpoint as a Hugging Face directory")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=_export)
+    g = sub.add_parser("goodput", help="wall time split into productive, lost, checkpoint and restart time")
+    g.add_argument("run_dir", type=Path)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=_goodput)
     a = p.parse_args(argv)
+    from .checkpoint import CheckpointError
     from .device import DeviceError
 
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError, DeviceError) as err:
+    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, FileExistsError) as err:
         print(f"anychip: {err}", file=sys.stderr)
         return 2
 

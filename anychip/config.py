@@ -76,13 +76,15 @@ class DeviceConfig:
 @dataclass
 class ParallelConfig:
     nproc: int = 1  # local worker processes started by `anychip train`
+    max_restarts: int = 3  # the elastic agent restarts failed workers this many times; they resume
     strategy: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp; used when world size > 1
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between checkpoints; 0 = only the final model (Hugging Face format)
-    keep: int = 2
+    interval: int = 100  # steps between checkpoints (DCP, async); 0 = none
+    keep: int = 2  # newest checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
 
 
 @dataclass
@@ -267,7 +269,8 @@ _POSITIVE = [
 ]  # fmt: skip
 _NON_NEGATIVE = [
     ("train", "micro_batch"), ("train", "warmup_steps"), ("train", "weight_decay"), ("train", "grad_clip"),
-    ("checkpoint", "interval"), ("eval", "n"), ("data", "heldout_size"),
+    ("checkpoint", "interval"), ("checkpoint", "keep_every"), ("parallel", "max_restarts"), ("eval", "n"),
+    ("data", "heldout_size"),
 ]  # fmt: skip
 
 

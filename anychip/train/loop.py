@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpointer
 from ..config import Config
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
@@ -67,6 +69,7 @@ class TrainState:
     data: TokenBatches
     log: RunLog
     tokenizer: object = None
+    checkpointer: Checkpointer | None = None
     step: int = 0
     batch: dict | None = None
     metrics: dict = field(default_factory=dict)
@@ -158,11 +161,20 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer)
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     log.event(
         "run_start", config_digest=cfg.digest(), device=device.type, device_name=device.name(),
         world_size=world.world_size, strategy=cfg.parallel.strategy if world.distributed else "none",
         torch=torch.__version__, python=platform.python_version(), parameters=total, activated=active,
+        restart=restart, pid=os.getpid(),
     )  # fmt: skip
+    if restart:
+        log.event("restart", count=restart)
+    state.checkpointer = Checkpointer(state, run_dir / "checkpoints")
+    state.checkpointer.cleanup()
+    state.step = state.checkpointer.load_latest()
+    if state.step:
+        log.print(f"resumed from the checkpoint of step {state.step}")
     log.print(
         f"anychip train: {cfg.model.preset} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active) on "
         f"{world.world_size} x {device.type} ({device.name()}), {cfg.train.mode} on "
@@ -220,6 +232,8 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             "memory_peak_gb": device.memory_stats()["peak_allocated"] / 2**30,
         }
         log.metrics(step, state.metrics)
+        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
+            state.checkpointer.save(step)
         hooks("after_step", state)
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
@@ -230,6 +244,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
                 f"grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
                 f"experts max/mean {m['expert_imbalance']:.2f}"
             )
+    state.checkpointer.wait()
     train_time = time.perf_counter() - t_start
     _finish(state, train_time)
     hooks("on_end", state)

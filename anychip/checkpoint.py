@@ -1,0 +1,280 @@
+"""Checkpoints that survive crashes, with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory ``RUN_DIR/checkpoints/step_00000120`` holding:
+
+    DCP files       model and optimizer (sharded or not: DCP reshards N -> M on load)
+    rank<r>.json    per rank: data-loader state, step
+    rank<r>.safetensors  per rank: RNG states (CPU and device generators)
+    meta.json       step, config digest, the model's shape fields, world size, device type
+    manifest.json   size and SHA-256 of every file above: written last
+
+Save: the loop stalls only while DCP stages tensors to host memory (``async_save``); the
+files are written into ``step_X.tmp`` in the background. When the write is complete,
+rank 0 checksums every file into the manifest, fsyncs, and renames ``step_X.tmp`` to
+``step_X``: the commit. Only committed directories are loaded; leftovers of a crashed
+save are removed at start. A second save waits for the first. A failing write is an
+event and a warning; earlier checkpoints are untouched and training goes on.
+
+Load: newest committed checkpoint first; every file is checked against the manifest;
+a missing, truncated or altered file is an event naming it, and the previous
+checkpoint is tried. A checkpoint whose model shape differs from the config is refused
+with an error naming the fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "step_"
+TMP = ".tmp"
+# ModelArgs fields that do not change tensor shapes: a resume may change them
+SHAPE_FREE = {"mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed", "initializer_range", "hf_extra"}
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the run's config."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint directories, newest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(TMP)]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            files[str(p.relative_to(directory))] = {"size": p.stat().st_size, "sha256": _digest(p)}
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    (directory / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+    with open(directory / "manifest.json", "rb") as f:
+        os.fsync(f.fileno())
+
+
+def verify(directory: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong (naming the file)."""
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"{manifest} is unreadable ({e!r})"
+    for name, want in files.items():
+        p = directory / name
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{p} has {p.stat().st_size} bytes, the manifest says {want['size']} (truncated?)"
+        if _digest(p) != want["sha256"]:
+            return f"{p} does not match its checksum (corrupted)"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores the whole training state of one rank; every rank calls it."""
+
+    def __init__(self, state, root: Path):
+        self.state = state
+        self.root = root
+        self.world = state.world
+        self.log = state.log
+        self._pending: tuple[object, Path, int, float] | None = None  # (future, tmp dir, step, start)
+        self._lock = threading.Lock()
+        self.stalls: list[float] = []
+
+    # -- state -----------------------------------------------------------------------
+
+    def _app_state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.state.model, self.state.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _meta(self, step: int) -> dict:
+        args = self._model_args()
+        return {
+            "step": step,
+            "config_digest": self.state.cfg.digest(),
+            "model_shape": {k: v for k, v in asdict(args).items() if k not in SHAPE_FREE},
+            "world_size": self.world.world_size,
+            "device": self.state.device.type,
+            "time": time.time(),
+        }
+
+    def _model_args(self):
+        from .parallel import unwrap
+
+        return unwrap(self.state.model).args
+
+    # -- save ------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Remove leftovers of saves that never committed (rank 0, at start)."""
+        if self.world.is_main and self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.endswith(TMP):
+                    shutil.rmtree(p, ignore_errors=True)
+                    self.log.event("checkpoint_cleanup", path=str(p))
+        if self.world.distributed:
+            dist.barrier()
+
+    def save(self, step: int) -> None:
+        """Start saving the state after optimizer step ``step``; returns after staging."""
+        self.wait()
+        t0 = time.perf_counter()
+        tmp = self.root / f"{PREFIX}{step:08d}{TMP}"
+        try:
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            if self.world.distributed:
+                dist.barrier()
+            r = self.world.rank
+            (tmp / f"rank{r}.json").write_text(json.dumps({"step": step, "data": self.state.data.state_dict()}))
+            save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
+            if self.world.is_main:
+                (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
+            future = dcp.async_save(self._app_state(), checkpoint_id=str(tmp), no_dist=not self.world.distributed)
+        except Exception as e:  # a failing write must not end the run
+            self._failed(step, e)
+            return
+        stall = time.perf_counter() - t0
+        self.stalls.append(stall)
+        self.log.event("checkpoint_save", step=step, stall_s=stall)
+        self._pending = (future, tmp, step, t0)
+
+    def wait(self) -> None:
+        """Block until the pending save is written and committed (or has failed)."""
+        if self._pending is None:
+            return
+        future, tmp, step, t0 = self._pending
+        self._pending = None
+        try:
+            result = future.result()
+            if hasattr(result, "upload_completion"):  # AsyncSaveResponse on newer torch
+                result.upload_completion.result()
+            if self.world.distributed:
+                dist.barrier()
+            if self.world.is_main:
+                write_manifest(tmp)
+                final = step_dir(self.root, step)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                _fsync_dir(self.root)
+                self.log.event("checkpoint_commit", step=step, write_s=time.perf_counter() - t0, path=str(final),
+                               bytes=sum(p.stat().st_size for p in final.rglob("*") if p.is_file()))  # fmt: skip
+                self._retire()
+            if self.world.distributed:
+                dist.barrier()
+        except Exception as e:
+            self._failed(step, e)
+
+    def _failed(self, step: int, error: Exception) -> None:
+        self.log.event("checkpoint_failed", step=step, error=f"{type(error).__name__}: {error}")
+        self.log.print(f"[yellow]warning: checkpoint of step {step} failed ({error}); training goes on[/yellow]")
+        if self.world.is_main:
+            shutil.rmtree(self.root / f"{PREFIX}{step:08d}{TMP}", ignore_errors=True)
+
+    def _retire(self) -> None:
+        """Keep the newest ``checkpoint.keep`` and every ``keep_every``-th step."""
+        cfg = self.state.cfg.checkpoint
+        for old in committed(self.root)[cfg.keep :]:
+            step = int(old.name[len(PREFIX) :])
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            self.log.event("checkpoint_retire", step=step)
+
+    # -- load ------------------------------------------------------------------------
+
+    def load_latest(self) -> int:
+        """Restore the newest verified checkpoint; returns its step (0: none found).
+
+        Rank 0 verifies and every rank loads the same one. Raises CheckpointError when a
+        checkpoint's model shape differs from the config."""
+        choice = None
+        if self.world.is_main:
+            for d in committed(self.root):
+                problem = verify(d)
+                if problem is None:
+                    choice = str(d)
+                    break
+                self.log.event("checkpoint_corrupt", path=str(d), problem=problem)
+                self.log.print(f"[yellow]checkpoint {d.name} is unusable: {problem}; trying the previous one[/yellow]")
+        if self.world.distributed:
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        if choice is None:
+            return 0
+        return self._load(Path(choice))
+
+    def _load(self, directory: Path) -> int:
+        t0 = time.perf_counter()
+        meta = json.loads((directory / "meta.json").read_text())
+        want = {k: v for k, v in asdict(self._model_args()).items() if k not in SHAPE_FREE}
+        saved = meta["model_shape"]
+        diff = {k: (saved.get(k), v) for k, v in want.items() if _norm(saved.get(k)) != _norm(v)}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"{directory}: the model in this checkpoint has another shape ({detail})")
+        app = self._app_state()
+        dcp.load(app, checkpoint_id=str(directory), no_dist=not self.world.distributed)
+        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=app["model"],
+                       optim_state_dict=app["optim"])  # fmt: skip
+        r = self.world.rank
+        per_rank = directory / f"rank{r}.json"
+        if not per_rank.is_file():  # resharded to more ranks: rank 0's data state is the global one
+            per_rank = directory / "rank0.json"
+        extra = json.loads(per_rank.read_text())
+        self.state.data.load_state_dict(extra["data"])
+        rng_file = directory / f"rank{r}.safetensors"
+        same_layout = meta["world_size"] == self.world.world_size and meta["device"] == self.state.device.type
+        if rng_file.is_file() and same_layout:
+            self.state.device.set_rng_state(load_file(rng_file))
+        else:
+            self.state.device.manual_seed(self.state.cfg.train.seed + meta["step"] + r)
+            self.log.event("rng_reseeded", step=meta["step"], reason="world size or device type changed")
+        self.log.event("checkpoint_load", step=meta["step"], path=str(directory), load_s=time.perf_counter() - t0,
+                       saved_world_size=meta["world_size"], saved_device=meta["device"])  # fmt: skip
+        return int(meta["step"])
+
+
+def _norm(v):
+    return json.loads(json.dumps(v))  # tuples vs lists, dataclasses vs dicts
