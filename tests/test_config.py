@@ -8,7 +8,7 @@ from anychip.config import Config, ConfigError, load_config
 def test_embedded_default_resolves_and_round_trips(tmp_path):
     cfg = load_config()
     assert cfg.model.preset == "tiny" and cfg.train.steps > 0 and cfg.device.type == "auto"
-    assert cfg.checkpoint.interval == 0
+    assert cfg.checkpoint.interval == 100 and cfg.parallel.max_restarts == 3
     f = tmp_path / "run.toml"
     f.write_text(cfg.to_toml())
     assert load_config(f).to_dict() == cfg.to_dict()

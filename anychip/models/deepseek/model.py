@@ -264,6 +264,7 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, in] sorted by expert, w [E, out, in], counts [E] -> [T, out]: x_e @ w_e^T per expert."""
+    w = w.to(x.dtype)  # as F.linear under autocast: compute in the activations' dtype
     aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
     if _USE_GROUPED_MM and aligned and _grouped_mm_works(x.device, x.dtype):
         return _contiguous_grad(F.grouped_mm(x, w.transpose(-2, -1), offs=offsets))
