@@ -115,8 +115,10 @@ class Checkpointer:
         self.root = root
         self.world = state.world
         self.log = state.log
-        self._pending: tuple[object, Path, int, float] | None = None  # (future, tmp dir, step, start)
-        self._lock = threading.Lock()
+        self._pending: tuple[object, threading.Event, int] | None = None  # (future, committed, step)
+        # the background writer's collectives get their own group: sharing the training
+        # group between two threads would interleave their messages
+        self._group = dist.new_group(backend="gloo") if self.world.distributed else None
         self.stalls: list[float] = []
 
     # -- state -----------------------------------------------------------------------
@@ -169,27 +171,26 @@ class Checkpointer:
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
-            future = dcp.async_save(self._app_state(), checkpoint_id=str(tmp), no_dist=not self.world.distributed)
+            future = dcp.async_save(
+                self._app_state(), checkpoint_id=str(tmp), process_group=self._group, no_dist=not self.world.distributed
+            )
         except Exception as e:  # a failing write must not end the run
             self._failed(step, e)
             return
         stall = time.perf_counter() - t0
         self.stalls.append(stall)
         self.log.event("checkpoint_save", step=step, stall_s=stall)
-        self._pending = (future, tmp, step, t0)
+        done = threading.Event()
+        self._pending = (future, done, step)
+        # the commit runs as soon as the write is complete, in the writer's thread: on
+        # rank 0 the future completes only after every rank's files and DCP's metadata
+        future.add_done_callback(lambda f: self._commit(f, tmp, step, t0, done))
 
-    def wait(self) -> None:
-        """Block until the pending save is written and committed (or has failed)."""
-        if self._pending is None:
-            return
-        future, tmp, step, t0 = self._pending
-        self._pending = None
+    def _commit(self, future, tmp: Path, step: int, t0: float, done: threading.Event) -> None:
         try:
             result = future.result()
             if hasattr(result, "upload_completion"):  # AsyncSaveResponse on newer torch
                 result.upload_completion.result()
-            if self.world.distributed:
-                dist.barrier()
             if self.world.is_main:
                 write_manifest(tmp)
                 final = step_dir(self.root, step)
@@ -200,10 +201,20 @@ class Checkpointer:
                 self.log.event("checkpoint_commit", step=step, write_s=time.perf_counter() - t0, path=str(final),
                                bytes=sum(p.stat().st_size for p in final.rglob("*") if p.is_file()))  # fmt: skip
                 self._retire()
-            if self.world.distributed:
-                dist.barrier()
         except Exception as e:
             self._failed(step, e)
+        finally:
+            done.set()
+
+    def wait(self) -> None:
+        """Block until the pending save is written and committed (or has failed)."""
+        if self._pending is None:
+            return
+        _, done, _ = self._pending
+        self._pending = None
+        done.wait()
+        if self.world.distributed:
+            dist.barrier()
 
     def _failed(self, step: int, error: Exception) -> None:
         self.log.event("checkpoint_failed", step=step, error=f"{type(error).__name__}: {error}")

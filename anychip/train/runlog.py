@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class RunLog:
         self.console = Console(highlight=False)
         self._tb = None
         self._progress = None
+        self._lock = threading.Lock()  # checkpoint commits log from a writer thread
         if not active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,9 +49,10 @@ class RunLog:
         """Append one event; flushed and fsynced so it survives a crash right after."""
         if not self.active:
             return
-        self._events.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")
-        self._events.flush()
-        os.fsync(self._events.fileno())
+        with self._lock:
+            self._events.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")
+            self._events.flush()
+            os.fsync(self._events.fileno())
 
     def metrics(self, step: int, values: dict) -> None:
         if not self.active:
