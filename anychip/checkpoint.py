@@ -23,6 +23,7 @@ with an error naming the fields.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 PREFIX = "step_"
@@ -119,6 +121,11 @@ class Checkpointer:
         # the background writer's collectives get their own group: sharing the training
         # group between two threads would interleave their messages
         self._group = dist.new_group(backend="gloo") if self.world.distributed else None
+        # staging (the copy to host memory) also runs in the background; the loop calls
+        # wait_staged() before the optimizer next changes the weights
+        pinned = state.device.type != "cpu"
+        self._stager = DefaultStager(StagingOptions(pinned, False, True, pinned))
+        self._staging = None
         self.stalls: list[float] = []
 
     # -- state -----------------------------------------------------------------------
@@ -171,9 +178,12 @@ class Checkpointer:
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
-            future = dcp.async_save(
-                self._app_state(), checkpoint_id=str(tmp), process_group=self._group, no_dist=not self.world.distributed
-            )
+            response = dcp.async_save(
+                self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
+                no_dist=not self.world.distributed, async_stager=self._stager,
+            )  # fmt: skip
+            self._staging = getattr(response, "staging_completion", None)
+            future = getattr(response, "upload_completion", response)
         except Exception as e:  # a failing write must not end the run
             self._failed(step, e)
             return
@@ -186,11 +196,19 @@ class Checkpointer:
         # rank 0 the future completes only after every rank's files and DCP's metadata
         future.add_done_callback(lambda f: self._commit(f, tmp, step, t0, done))
 
+    def wait_staged(self) -> None:
+        """Block until the pending save has copied the state (before weights change)."""
+        if self._staging is None:
+            return
+        t0 = time.perf_counter()
+        with contextlib.suppress(Exception):  # a failed save is reported by the commit callback
+            self._staging.result()
+        self._staging = None
+        self.log.event("checkpoint_staged", stall_s=time.perf_counter() - t0)
+
     def _commit(self, future, tmp: Path, step: int, t0: float, done: threading.Event) -> None:
         try:
-            result = future.result()
-            if hasattr(result, "upload_completion"):  # AsyncSaveResponse on newer torch
-                result.upload_completion.result()
+            future.result()
             if self.world.is_main:
                 write_manifest(tmp)
                 final = step_dir(self.root, step)
@@ -208,6 +226,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the pending save is written and committed (or has failed)."""
+        self.wait_staged()
         if self._pending is None:
             return
         _, done, _ = self._pending

@@ -2,7 +2,8 @@
 
     productive   step time of every step that counts toward the result
     recomputed   step time of steps done again after a crash (work lost)
-    ckpt stall   time the loop stood still for checkpoint staging
+    ckpt stall   time the loop stood still for a checkpoint (the save call, and any wait
+                 for background staging before the next optimizer step)
     restart      everything else between the first start and the last record:
                  process starts, resume, rendezvous, evaluation, time to detect a fault
 
@@ -58,6 +59,10 @@ def goodput(run_dir: str | Path) -> Goodput:
     productive = sum(m["step_time"] for i, m in enumerate(metrics) if last_index[m["step"]] == i)
     recomputed = sum(m["step_time"] for i, m in enumerate(metrics) if last_index[m["step"]] != i)
     stall = sum(e.get("stall_s", 0.0) for e in events if e["event"] == "checkpoint_save")
+    # waits for background staging happen inside a step: move them from productive to stall
+    staged = sum(e.get("stall_s", 0.0) for e in events if e["event"] == "checkpoint_staged")
+    productive = max(productive - staged, 0.0)
+    stall += staged
     restart = max(wall - productive - recomputed - stall, 0.0)
     return Goodput(
         wall, productive, recomputed, stall, restart, steps=len(last_index),

@@ -2,6 +2,7 @@
 detected and skipped; N -> M processes; incompatible configs refused; failing writes
 do not stop training; the elastic agent restarts a killed worker."""
 
+import contextlib
 import json
 import os
 import random
@@ -46,10 +47,8 @@ def lines(path: Path) -> list[dict]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
     return out
 
 

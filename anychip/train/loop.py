@@ -212,6 +212,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         grad_norm = _clip(model, cfg.train.grad_clip)
         lr = lr_at(step, cfg.train)
         set_lr(optimizer, lr)
+        state.checkpointer.wait_staged()  # a checkpoint in flight has copied the weights we now change
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loads = all_reduce_sum(core.expert_loads().detach().float(), world)
