@@ -217,3 +217,38 @@ def test_resume_on_another_number_of_processes(tmp_path, first, second):
     assert sorted(got) == list(range(1, 17))
     # same weights, optimizer state and data position, resharded: the same run up to float tolerance
     assert [got[s] for s in range(9, 17)] == pytest.approx([ref[s] for s in range(9, 17)], rel=1e-4)
+
+
+def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):
+    run = _copy_run(reference, tmp_path / "more")
+    r = subprocess.run(
+        [sys.executable, "-m", "anychip.cli", "train", "--resume", str(run), "--set", "train.steps=20",
+         "--set", "parallel.max_restarts=0"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [m["step"] for m in lines(run / "metrics.jsonl")][-4:] == [17, 18, 19, 20]
+    r = subprocess.run(
+        [sys.executable, "-m", "anychip.cli", "export", str(run), "--step", "16", "--out", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert_identical(exported, weights(reference))  # step 16 of the resumed run is the reference's end
+    from anychip.train.loop import Hooks
+
+    seen = {}
+    hooks = Hooks()
+    hooks.add("on_start", lambda s: seen.update({k: v.clone() for k, v in s.model.state_dict().items()}))
+    cfg = load_config(None, [*RUN, f"model.init_from=hf:{tmp_path / 'hf'}", "train.steps=1", "checkpoint.interval=0"])
+    train(cfg, tmp_path / "from_hf", hooks)
+    from anychip.models import load_hf
+
+    for k, v in load_hf(tmp_path / "hf").state_dict().items():
+        assert torch.equal(seen[k], v), k
+    r = subprocess.run([sys.executable, "-m", "anychip.cli", "export", str(run), "--step", "3", "--out",
+                        str(tmp_path / "x")], capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "no checkpoint of step 3" in r.stderr
