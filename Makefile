@@ -27,6 +27,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/checkpoint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
