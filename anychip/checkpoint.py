@@ -6,6 +6,7 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step_00000120`` holding:
     rank<r>.json    per rank: data-loader state, step
     rank<r>.safetensors  per rank: RNG states (CPU and device generators)
     meta.json       step, config digest, the model's shape fields, world size, device type
+    config.toml     the run's resolved config at that step
     manifest.json   size and SHA-256 of every file above: written last
 
 Save: the loop stalls only while DCP stages tensors to host memory (``async_save``); the
@@ -178,6 +179,7 @@ class Checkpointer:
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
+                (tmp / "config.toml").write_text(self.state.cfg.to_toml())
             response = dcp.async_save(
                 self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
                 no_dist=not self.world.distributed, async_stager=self._stager,

@@ -33,7 +33,8 @@ class Goodput:
         return self.productive_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def _read(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short by a crash is skipped."""
     if not path.is_file():
         return []
     out = []
@@ -50,8 +51,8 @@ def goodput(run_dir: str | Path) -> Goodput:
     run_dir = Path(run_dir)
     if not (run_dir / "events.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir / 'events.jsonl'}: not a run directory")
-    events = _read(run_dir / "events.jsonl")
-    metrics = _read(run_dir / "metrics.jsonl")
+    events = read_jsonl(run_dir / "events.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     starts = [e["time"] for e in events if e["event"] == "run_start"]
     times = [e["time"] for e in events] + [m["time"] for m in metrics]
     wall = max(times) - min(starts) if starts else 0.0

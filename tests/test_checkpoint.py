@@ -111,6 +111,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(reference, tmp_
     assert_identical(weights(run), weights(reference))
     events = lines(run / "events.jsonl")
     assert any(e["event"] == "checkpoint_load" and e["step"] < killed_step for e in events)
+    crash = [e for e in events if e["event"] == "crash_detected"]
+    assert len(crash) == 1 and crash[0]["last_step"] >= killed_step
     g = goodput(run)
     assert g.recomputed_steps > 0 and g.restarts == 1
     parts = g.productive_s + g.recomputed_s + g.checkpoint_stall_s + g.restart_s

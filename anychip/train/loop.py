@@ -170,6 +170,7 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     )  # fmt: skip
     if restart:
         log.event("restart", count=restart)
+    _note_crash(run_dir, log, world)
     state.checkpointer = Checkpointer(state, run_dir / "checkpoints")
     state.checkpointer.cleanup()
     state.step = state.checkpointer.load_latest()
@@ -182,6 +183,20 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
         f" -> {run_dir}"
     )
     return state
+
+
+def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
+    """An earlier start of this run that never logged run_end died: record it."""
+    if not world.is_main:
+        return
+    from ..goodput import read_jsonl
+
+    events = read_jsonl(run_dir / "events.jsonl")[:-1]  # without this start's run_start
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
+    if starts and not any(e["event"] == "run_end" for e in events[starts[-1] :]):
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        log.event("crash_detected", last_step=metrics[-1]["step"] if metrics else 0,
+                  last_record=max(events[-1]["time"], metrics[-1]["time"] if metrics else 0))  # fmt: skip
 
 
 def _run(state: TrainState, hooks: Hooks) -> None:
