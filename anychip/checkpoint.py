@@ -9,8 +9,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step_00000120`` holding:
     config.toml     the run's resolved config at that step
     manifest.json   size and SHA-256 of every file above: written last
 
-Save: the loop stalls only while DCP stages tensors to host memory (``async_save``); the
-files are written into ``step_X.tmp`` in the background. When the write is complete,
+Save: the loop stalls only for the ``async_save`` call; staging to host memory and
+writing into ``step_X.tmp`` run in the background, and the loop waits for staging only
+before the next optimizer step changes the weights. When the write is complete,
 rank 0 checksums every file into the manifest, fsyncs, and renames ``step_X.tmp`` to
 ``step_X``: the commit. Only committed directories are loaded; leftovers of a crashed
 save are removed at start. A second save waits for the first. A failing write is an
@@ -127,7 +128,6 @@ class Checkpointer:
         pinned = state.device.type != "cpu"
         self._stager = DefaultStager(StagingOptions(pinned, False, True, pinned))
         self._staging = None
-        self.stalls: list[float] = []
 
     # -- state -----------------------------------------------------------------------
 
@@ -190,7 +190,6 @@ class Checkpointer:
             self._failed(step, e)
             return
         stall = time.perf_counter() - t0
-        self.stalls.append(stall)
         self.log.event("checkpoint_save", step=step, stall_s=stall)
         done = threading.Event()
         self._pending = (future, done, step)
