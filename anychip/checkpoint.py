@@ -32,6 +32,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -164,7 +165,9 @@ class Checkpointer:
             dist.barrier()
 
     def save(self, step: int) -> None:
-        """Start saving the state after optimizer step ``step``; returns after staging."""
+        """Save the state after optimizer step ``step``. Async (default): returns once the
+        save is started; the write and commit finish in the background. Sync
+        (``checkpoint.async_save = false``): returns after the commit."""
         self.wait()
         t0 = time.perf_counter()
         tmp = self.root / f"{PREFIX}{step:08d}{TMP}"
@@ -180,22 +183,30 @@ class Checkpointer:
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
                 (tmp / "config.toml").write_text(self.state.cfg.to_toml())
-            response = dcp.async_save(
-                self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
-                no_dist=not self.world.distributed, async_stager=self._stager,
-            )  # fmt: skip
-            self._staging = getattr(response, "staging_completion", None)
-            future = getattr(response, "upload_completion", response)
+            if self.state.cfg.checkpoint.async_save:
+                response = dcp.async_save(
+                    self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
+                    no_dist=not self.world.distributed, async_stager=self._stager,
+                )  # fmt: skip
+                self._staging = getattr(response, "staging_completion", None)
+                future = getattr(response, "upload_completion", response)
+            else:  # synchronous: the loop waits for the write and the commit
+                future = Future()
+                dcp.save(self._app_state(), checkpoint_id=str(tmp), no_dist=not self.world.distributed)
+                future.set_result(None)
         except Exception as e:  # a failing write must not end the run
             self._failed(step, e)
             return
-        stall = time.perf_counter() - t0
-        self.log.event("checkpoint_save", step=step, stall_s=stall)
         done = threading.Event()
         self._pending = (future, done, step)
+        if self.state.cfg.checkpoint.async_save:
+            self.log.event("checkpoint_save", step=step, stall_s=time.perf_counter() - t0)
         # the commit runs as soon as the write is complete, in the writer's thread: on
         # rank 0 the future completes only after every rank's files and DCP's metadata
         future.add_done_callback(lambda f: self._commit(f, tmp, step, t0, done))
+        if not self.state.cfg.checkpoint.async_save:
+            self.wait()
+            self.log.event("checkpoint_save", step=step, stall_s=time.perf_counter() - t0)
 
     def wait_staged(self) -> None:
         """Block until the pending save has copied the state (before weights change)."""

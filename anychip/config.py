@@ -85,6 +85,7 @@ class CheckpointConfig:
     interval: int = 100  # steps between checkpoints (DCP, async); 0 = none
     keep: int = 2  # newest checkpoints kept
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    async_save: bool = True  # stage and write in the background; false: the loop waits for the write
 
 
 @dataclass

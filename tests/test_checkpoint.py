@@ -254,3 +254,14 @@ def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):
     r = subprocess.run([sys.executable, "-m", "anychip.cli", "export", str(run), "--step", "3", "--out",
                         str(tmp_path / "x")], capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "no checkpoint of step 3" in r.stderr
+
+
+def test_synchronous_saves_commit_before_returning(reference, tmp_path):
+    state = train(load_config(None, [*RUN, "checkpoint.async_save=false"]), tmp_path / "sync")
+    events = lines(tmp_path / "sync" / "events.jsonl")
+    kinds = [e["event"] for e in events if e["event"].startswith("checkpoint_")]
+    # each commit is logged before its save returns (the save event carries the whole stall)
+    assert kinds[:4] == ["checkpoint_commit", "checkpoint_save", "checkpoint_commit", "checkpoint_save"]
+    assert all(verify(d) is None for d in committed(tmp_path / "sync" / "checkpoints"))
+    assert state.step == 16
+    assert_identical(weights(tmp_path / "sync"), weights(reference))  # saving never changes training
