@@ -120,3 +120,18 @@ def test_bfloat16_autocast_trains(tmp_path):
     m = metrics(tmp_path / "bf16")
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in m)  # finite
     assert m[-1]["loss"] < m[0]["loss"]
+
+
+def test_plain_torchrun_runs_the_same_worker(one_process, tmp_path):
+    """What a cluster runs: torchrun (not anychip's launcher) starting python -m anychip.launch."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "anychip.launch", "--run-dir",
+            str(tmp_path / "tr")]  # fmt: skip
+    for s in FAST:
+        args += ["--set", s]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    single = [m["loss"] for m in metrics(one_process[0])]
+    assert [m["loss"] for m in metrics(tmp_path / "tr")] == pytest.approx(single, rel=1e-5, abs=1e-6)
+    assert events(tmp_path / "tr")[0]["world_size"] == 2
