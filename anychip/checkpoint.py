@@ -236,15 +236,16 @@ class Checkpointer:
         finally:
             done.set()
 
-    def wait(self) -> None:
-        """Block until the pending save is written and committed (or has failed)."""
+    def wait(self, barrier: bool = True) -> None:
+        """Block until the pending save is written and committed (or has failed).
+        ``barrier=False`` on an error path, where other ranks may be gone."""
         self.wait_staged()
         if self._pending is None:
             return
         _, done, _ = self._pending
         self._pending = None
-        done.wait()
-        if self.world.distributed:
+        done.wait(timeout=None if barrier else 60)
+        if barrier and self.world.distributed:
             dist.barrier()
 
     def _failed(self, step: int, error: Exception) -> None:

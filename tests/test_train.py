@@ -135,3 +135,23 @@ def test_plain_torchrun_runs_the_same_worker(one_process, tmp_path):
     single = [m["loss"] for m in metrics(one_process[0])]
     assert [m["loss"] for m in metrics(tmp_path / "tr")] == pytest.approx(single, rel=1e-5, abs=1e-6)
     assert events(tmp_path / "tr")[0]["world_size"] == 2
+
+
+def test_nonfinite_gradient_stops_before_the_update(tmp_path):
+    hooks = Hooks()
+    snapshot = {}
+
+    def poison(state):
+        if state.step == 3:
+            snapshot.update({k: v.clone() for k, v in state.model.state_dict().items()})
+            next(state.model.parameters()).grad[0, 0] = float("nan")
+
+    hooks.add("after_backward", poison)
+    cfg = load_config(None, [*FAST, "checkpoint.interval=1", "eval.n=0"])
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train(cfg, tmp_path / "nan", hooks)
+    from anychip.checkpoint import committed
+
+    assert [d.name for d in committed(tmp_path / "nan" / "checkpoints")][0] == "step_00000002"
+    kinds = [e["event"] for e in events(tmp_path / "nan")]
+    assert "nonfinite" in kinds and kinds[-1] == "run_end"

@@ -132,11 +132,14 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
     world = init_world(device)
     log = RunLog(run_dir, world.is_main, cfg.train.steps, cfg.log.tensorboard, cfg.log.progress)
+    state = None
     try:
         state = _setup(cfg, run_dir, device, world, log)
         _run(state, hooks)
         return state
     except BaseException as e:
+        if state is not None and state.checkpointer is not None:
+            state.checkpointer.wait(barrier=False)  # a good checkpoint in flight still commits
         log.event("run_end", status="error", error=f"{type(e).__name__}: {e}")
         raise
     finally:
@@ -225,6 +228,12 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         losses = forward_backward(model, state.batch, micro, amp, device, world)
         hooks("after_backward", state)
         grad_norm = _clip(model, cfg.train.grad_clip)
+        if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):  # before any weight changes
+            log.event("nonfinite", step=step, loss=str(losses["loss"]), grad_norm=str(grad_norm))
+            raise FloatingPointError(
+                f"step {step}: loss {losses['loss']}, gradient norm {grad_norm}; stopping before the update "
+                "(weights and checkpoints are untouched)"
+            )
         lr = lr_at(step, cfg.train)
         set_lr(optimizer, lr)
         state.checkpointer.wait_staged()  # a checkpoint in flight has copied the weights we now change
@@ -234,9 +243,6 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         core.update_balancing_bias(loads)
         device.synchronize()
         dt = time.perf_counter() - t0
-        if not math.isfinite(losses["loss"]):
-            log.event("nonfinite_loss", step=step, loss=str(losses["loss"]))
-            raise FloatingPointError(f"step {step}: training loss is {losses['loss']}; stopping (no guard enabled)")
         state.metrics = {
             **losses,
             "lr": lr,
