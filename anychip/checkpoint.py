@@ -32,6 +32,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# one process without a process group is a supported case, not a mistake to warn about
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 PREFIX = "step_"
 TMP = ".tmp"
