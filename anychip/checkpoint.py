@@ -37,11 +37,14 @@ from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .models.hf import CheckpointError  # one error type for every checkpoint problem
 
 # one process without a process group is a supported case, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -52,10 +55,6 @@ TMP = ".tmp"
 SHAPE_FREE = {"mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed", "initializer_range", "hf_extra"}
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that does not fit the run's config."""
-
-
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
@@ -64,7 +63,7 @@ def committed(root: Path) -> list[Path]:
     """Committed checkpoint directories, newest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(TMP)]
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
 
@@ -175,18 +174,32 @@ class Checkpointer:
         self.wait()
         t0 = time.perf_counter()
         tmp = self.root / f"{PREFIX}{step:08d}{TMP}"
-        try:
+
+        def prepare_directory():
             if self.world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            if self.world.distributed:
-                dist.barrier()
+
+        def write_rank_files():
             r = self.world.rank
             (tmp / f"rank{r}.json").write_text(json.dumps({"step": step, "data": self.state.data.state_dict()}))
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
                 (tmp / "config.toml").write_text(self.state.cfg.to_toml())
+
+        # every rank must agree a stage worked before the next (a failing disk on one rank
+        # would otherwise leave the others waiting in a collective)
+        for stage in (prepare_directory, write_rank_files):
+            error = None
+            try:
+                stage()
+            except Exception as e:
+                error = e
+            if not self._all_ok(error is None):
+                self._failed(step, error or RuntimeError("a checkpoint write failed on another rank"))
+                return
+        try:
             if self.state.cfg.checkpoint.async_save:
                 response = dcp.async_save(
                     self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
@@ -211,6 +224,13 @@ class Checkpointer:
         if not self.state.cfg.checkpoint.async_save:
             self.wait()
             self.log.event("checkpoint_save", step=step, stall_s=time.perf_counter() - t0)
+
+    def _all_ok(self, ok: bool) -> bool:
+        if not self.world.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
 
     def wait_staged(self) -> None:
         """Block until the pending save has copied the state (before weights change)."""
@@ -284,6 +304,8 @@ class Checkpointer:
                     break
                 self.log.event("checkpoint_corrupt", path=str(d), problem=problem)
                 self.log.print(f"[yellow]checkpoint {d.name} is unusable: {problem}; trying the previous one[/yellow]")
+                # aside, kept for inspection: never loaded again, never counted by checkpoint.keep
+                d.rename(d.with_name(f"corrupt_{d.name}"))
         if self.world.distributed:
             box = [choice]
             dist.broadcast_object_list(box, src=0)

@@ -45,7 +45,7 @@ def launch_workers(cfg, run_dir: Path) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.toml"
+    config_file = run_dir / "launch.toml"  # the workers write config.toml once it fits the checkpoint
     config_file.write_text(cfg.to_toml())
     launch = LaunchConfig(
         min_nodes=1,
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_goodput)
     a = p.parse_args(argv)
-    from .checkpoint import CheckpointError
     from .device import DeviceError
+    from .models.hf import CheckpointError
 
     try:
         return a.fn(a)

@@ -140,7 +140,8 @@ class Config:
 
 
 def _drop_none(d: dict) -> dict:
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+    """TOML has no null: None is written as "none", which every optional key reads back."""
+    return {k: _drop_none(v) if isinstance(v, dict) else ("none" if v is None else v) for k, v in d.items()}
 
 
 DEFAULT_CONFIG = "default.toml"
@@ -299,8 +300,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             raise bad("train", key, "in [0, 1)")
-    if t.micro_batch and t.global_batch % t.micro_batch:
-        raise bad("train", "micro_batch", f"a divisor of train.global_batch = {t.global_batch}")
+    if t.global_batch % cfg.parallel.nproc:
+        raise bad("train", "global_batch", f"a multiple of parallel.nproc = {cfg.parallel.nproc}")
+    local = t.global_batch // cfg.parallel.nproc
+    if t.micro_batch and local % t.micro_batch:
+        raise bad("train", "micro_batch", f"a divisor of the {local} sequences per process")
     if cfg.model.preset not in PRESETS:
         raise bad("model", "preset", "one of " + ", ".join(PRESETS))
     if cfg.model.init_from and not cfg.model.init_from.startswith("hf:"):

@@ -9,8 +9,7 @@ import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointError, committed, step_dir, verify
 from .config import load_config
-from .data import load_tokenizer
-from .models import DeepSeekV3, save_hf
+from .models import DeepSeekV3, YarnScaling, save_hf
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
@@ -19,7 +18,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, overwr
     run (DCP reshards). Raises CheckpointError when the checkpoint is missing or fails
     verification."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml")  # for the training-time terms; shapes come from the checkpoint
     root = run_dir / "checkpoints"
     if step is None:
         candidates = committed(root)
@@ -35,7 +34,10 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, overwr
     if problem:
         raise CheckpointError(f"{directory}: {problem}")
     meta = json.loads((directory / "meta.json").read_text())
-    args = cfg.model_args(load_tokenizer(cfg.data.tokenizer).vocab_size)
+    shape = dict(meta["model_shape"])  # the checkpoint's own shapes (also right for init_from runs)
+    if shape.get("rope_scaling"):
+        shape["rope_scaling"] = YarnScaling(**shape["rope_scaling"])
+    args = cfg.model_args().replace(**shape)
     model = DeepSeekV3(args)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(directory), no_dist=True)

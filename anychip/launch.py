@@ -22,6 +22,8 @@ def default_run_dir() -> Path:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
         return Path("runs") / run_id
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("several processes need one run directory: pass --run-dir (or torchrun --rdzv-id)")
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
@@ -31,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", type=Path)
     a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config, a.sets)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"anychip: {e}", file=sys.stderr)
-        return 2
+    from .device import DeviceError
+    from .models.hf import CheckpointError
     from .train.loop import train
 
-    train(cfg, a.run_dir or default_run_dir())
+    try:
+        cfg = load_config(a.config, a.sets)
+        train(cfg, a.run_dir or default_run_dir())
+    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError) as e:
+        print(f"anychip: {e}", file=sys.stderr)  # a clear message, not a traceback
+        return 2
     return 0
 
 

@@ -74,7 +74,8 @@ def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = None if model.embed_tokens.weight.device.type == "cpu" else [world.local_rank]
-        return DistributedDataParallel(model, device_ids=device_ids)
+        unused = bool(model.mtp) and not model.args.mtp_loss_weight  # MTP modules that get no gradient
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
     raise ValueError(f"parallel.strategy = {strategy!r}; expected 'fsdp' or 'ddp'")
 
 

@@ -19,7 +19,8 @@ from .deepseek.state_dict_adapter import hf_to_slot, to_hf
 
 
 class CheckpointError(RuntimeError):
-    """A Hugging Face directory is missing files, has unreadable or inconsistent tensors."""
+    """A checkpoint or Hugging Face directory is missing, unreadable, corrupt, or does not
+    fit the configuration."""
 
 
 # config.json fields that map one to one onto ModelArgs

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpointer
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
 from ..eval import EvalResult, evaluate, reduce_result, shard
@@ -150,7 +150,6 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
 def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog) -> TrainState:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
     device.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer.vocab_size, device, world)
@@ -165,6 +164,7 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    _note_crash(run_dir, log, world)
     log.event(
         "run_start", config_digest=cfg.digest(), device=device.type, device_name=device.name(),
         world_size=world.world_size, strategy=cfg.parallel.strategy if world.distributed else "none",
@@ -173,10 +173,16 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     )  # fmt: skip
     if restart:
         log.event("restart", count=restart)
-    _note_crash(run_dir, log, world)
     state.checkpointer = Checkpointer(state, run_dir / "checkpoints")
     state.checkpointer.cleanup()
     state.step = state.checkpointer.load_latest()
+    if state.step > cfg.train.steps:
+        raise ConfigError(
+            f"train.steps = {cfg.train.steps} is below the step of the checkpoint to resume, {state.step}; "
+            "raise train.steps to continue"
+        )
+    if world.is_main:  # written once the config is known to fit the checkpoint
+        (run_dir / "config.toml").write_text(cfg.to_toml())
     if state.step:
         log.print(f"resumed from the checkpoint of step {state.step}")
     log.print(
@@ -194,7 +200,7 @@ def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
         return
     from ..goodput import read_jsonl
 
-    events = read_jsonl(run_dir / "events.jsonl")[:-1]  # without this start's run_start
+    events = read_jsonl(run_dir / "events.jsonl")  # before this start logs anything
     starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
     if starts and not any(e["event"] == "run_end" for e in events[starts[-1] :]):
         metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -291,14 +297,15 @@ def forward_backward(model, batch: dict, micro: int, amp, device: Device, world:
     for i, start in enumerate(chunks):
         last = i == len(chunks) - 1
         x, y = ids[start : start + micro].to(dev), labels[start : start + micro].to(dev)
-        with _no_sync(model, last), _autocast(device, amp):
-            out = model(x, labels=y, reduction="sum")
-        objective = out.lm_loss / counts[0].item()
-        for k, term in enumerate(out.mtp_losses, start=1):
-            objective = objective + args.mtp_loss_weight / depth * term / counts[k].item()
-        if out.balance_loss is not None:
-            objective = objective + out.balance_loss * x.shape[0] / rows_global
-        (objective * world.world_size).backward()
+        with _no_sync(model, last):
+            with _autocast(device, amp):
+                out = model(x, labels=y, reduction="sum")
+            objective = out.lm_loss / counts[0].item()
+            for k, term in enumerate(out.mtp_losses, start=1):
+                objective = objective + args.mtp_loss_weight / depth * term / counts[k].item()
+            if out.balance_loss is not None:
+                objective = objective + out.balance_loss * x.shape[0] / rows_global
+            (objective * world.world_size).backward()
         sums[0] += out.lm_loss.item()
         for k, term in enumerate(out.mtp_losses, start=1):
             sums[k] += term.item()
