@@ -265,3 +265,13 @@ def test_synchronous_saves_commit_before_returning(reference, tmp_path):
     assert all(verify(d) is None for d in committed(tmp_path / "sync" / "checkpoints"))
     assert state.step == 16
     assert_identical(weights(tmp_path / "sync"), weights(reference))  # saving never changes training
+
+
+def test_resume_below_the_checkpoint_step_is_refused(reference, tmp_path):
+    from anychip.config import ConfigError
+
+    run = _copy_run(reference, tmp_path / "fewer")
+    before = (run / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="train.steps = 10 is below the step of the checkpoint to resume, 16"):
+        train(load_config(run / "config.toml", ["train.steps=10"]), run)
+    assert (run / "config.toml").read_text() == before  # the refused config did not replace the run's

@@ -71,3 +71,18 @@ def test_every_key_is_in_the_embedded_default():
         assert f"[{section}]" in text
         for key in values:
             assert f"\n{key} =" in text, f"{section}.{key} missing from default.toml"
+
+
+def test_none_survives_the_toml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.q_lora_rank=none"])
+    assert cfg.model_args().q_lora_rank is None
+    f = tmp_path / "c.toml"
+    f.write_text(cfg.to_toml())
+    assert load_config(f).model_args().q_lora_rank is None
+
+
+def test_batch_must_split_over_processes():
+    with pytest.raises(ConfigError, match="global_batch.*multiple of parallel.nproc = 3"):
+        load_config(None, ["parallel.nproc=3", "train.global_batch=16"])
+    with pytest.raises(ConfigError, match="micro_batch.*divisor of the 8 sequences per process"):
+        load_config(None, ["parallel.nproc=2", "train.micro_batch=3", "train.global_batch=16"])
