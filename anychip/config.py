@@ -219,6 +219,16 @@ def _model_value(key: str, value, where: str):
     return _coerce(value, hint, where)
 
 
+# type hint -> (accepted Python types, what the error says); bool is never an int here
+_SCALARS = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+    dict: (dict, "a table"),
+}
+
+
 def _coerce(value, hint, where: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -235,26 +245,11 @@ def _coerce(value, hint, where: str):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings")
         return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number")
-        return float(value)
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string")
-        return value
+    if hint in _SCALARS:
+        accepted, expected = _SCALARS[hint]
+        if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{where}: expected {expected}")
+        return float(value) if hint is float else value
     return value
 
 

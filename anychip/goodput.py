@@ -12,9 +12,10 @@ The four parts add up to the wall time by construction; goodput = productive / w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .train.runlog import read_jsonl
 
 
 @dataclass
@@ -31,19 +32,6 @@ class Goodput:
     @property
     def ratio(self) -> float:
         return self.productive_s / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file; a line cut short by a crash is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-    return out
 
 
 def goodput(run_dir: str | Path) -> Goodput:

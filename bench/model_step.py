@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from anychip.models import DeepSeekV3, count_parameters, preset, save_hf  # noqa: E402
+from anychip.models import DeepSeekV3, count_parameters, preset, save_hf, training_flops_per_token  # noqa: E402
 
 LOSS_TOL = 1e-4  # float32 |loss_ours - loss_peer|
 GRAD_TOL = 1e-3  # float32, max |grad difference| relative to max |grad|, embedding and output head
@@ -106,22 +106,6 @@ def peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def flops_per_token(args, seq: int) -> tuple[float, float, float]:
-    """Training (forward + backward) FLOPs per token: (total, dense term, attention term).
-
-    dense = 6 * N_act, N_act = activated non-embedding parameters (``count_parameters``: attention,
-        dense FFNs, shared experts, K_r of the N_r routed experts, norms, router, output head;
-        the embedding lookup is free): 2 FLOPs per multiply-add forward, 4 backward.
-    attn  = 12 * n_layers * seq * n_heads * (qk_head_dim + v_head_dim) / 2: per layer and token the
-        forward does q.k over seq keys (2 * seq * n_h * qk_head_dim) and p.v (2 * seq * n_h * v_head_dim),
-        times 3 for forward + backward. As in PaLM's MFU, the causal mask is not discounted (full seq).
-    """
-    _, activated = count_parameters(args)
-    dense = 6.0 * activated
-    attn = 12.0 * args.num_hidden_layers * seq * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) / 2
-    return dense + attn, dense, attn
 
 
 # ---------------------------------------------------------------------------- models
@@ -230,7 +214,7 @@ def main(argv=None) -> int:
         print(f"WARNING: {busy:.1f} cores busy before start (other processes?): timings will be unreliable")
 
     peak = peak_flops(dtype)
-    fpt, fpt_dense, fpt_attn = flops_per_token(args, a.seq)
+    fpt, fpt_dense, fpt_attn = training_flops_per_token(args, a.seq)
     total_params, act_params = count_parameters(args)
 
     g = torch.Generator().manual_seed(a.seed + 1)

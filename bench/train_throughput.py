@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anychip.config import load_config  # noqa: E402
-from anychip.models import save_hf  # noqa: E402
+from anychip.models import save_hf, training_flops_per_token  # noqa: E402
 from anychip.train.loop import Hooks, train  # noqa: E402
 from anychip.train.optim import lr_at  # noqa: E402
 
@@ -102,9 +102,7 @@ def main(argv=None) -> int:
     tokens = cfg.train.global_batch * cfg.train.seq_len
     t_ours, t_peer = statistics.median(ours), statistics.median(theirs)
     peak = state.device.peak_flops(torch.float32)
-    from anychip.train.loop import _flops_per_token
-
-    fpt = _flops_per_token(state.model.args, cfg.train.seq_len)
+    fpt, _, _ = training_flops_per_token(state.model.args, cfg.train.seq_len)
     print(f"train_throughput: {cfg.model.preset} (MTP off), global batch {cfg.train.global_batch} x "
           f"{cfg.train.seq_len}, {cfg.train.mode}, {a.steps} steps ({a.warmup} warm-up), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip

@@ -2,8 +2,6 @@
 detected and skipped; N -> M processes; incompatible configs refused; failing writes
 do not stop training; the elastic agent restarts a killed worker."""
 
-import contextlib
-import json
 import os
 import random
 import shutil
@@ -21,6 +19,7 @@ from anychip.checkpoint import committed, verify
 from anychip.config import load_config
 from anychip.goodput import goodput
 from anychip.train.loop import train
+from anychip.train.runlog import read_jsonl as lines
 
 RUN = [
     "model.preset=debug", "train.steps=16", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
@@ -40,16 +39,6 @@ def worker(run_dir: Path, *sets: str) -> subprocess.Popen:
 def finish(p: subprocess.Popen) -> None:
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-
-
-def lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

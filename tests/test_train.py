@@ -12,6 +12,7 @@ import torch
 
 from anychip.config import load_config
 from anychip.train.loop import Hooks, train
+from anychip.train.runlog import read_jsonl
 
 # a fast run: debug-sized model, byte tokenizer, arithmetic, pretraining on every token
 FAST = [
@@ -22,11 +23,11 @@ FAST = [
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "events.jsonl")
 
 
 def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:

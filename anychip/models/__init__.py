@@ -1,9 +1,19 @@
 """Models anychip trains, and their Hugging Face interop."""
 
-from .deepseek import PRESETS, ConfigError, DeepSeekV3, KVCache, ModelArgs, YarnScaling, count_parameters, preset
+from .deepseek import (
+    PRESETS,
+    ConfigError,
+    DeepSeekV3,
+    KVCache,
+    ModelArgs,
+    YarnScaling,
+    count_parameters,
+    preset,
+    training_flops_per_token,
+)  # fmt: skip
 from .hf import CheckpointError, load_hf, read_hf_config, save_hf
 
 __all__ = [
     "PRESETS", "CheckpointError", "ConfigError", "DeepSeekV3", "KVCache", "ModelArgs", "YarnScaling",
-    "count_parameters", "load_hf", "preset", "read_hf_config", "save_hf",
+    "count_parameters", "load_hf", "preset", "read_hf_config", "save_hf", "training_flops_per_token",
 ]  # fmt: skip

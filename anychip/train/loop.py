@@ -32,10 +32,10 @@ from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
 from ..eval import EvalResult, evaluate, reduce_result, shard
-from ..models import DeepSeekV3, count_parameters, load_hf, save_hf
+from ..models import DeepSeekV3, count_parameters, load_hf, save_hf, training_flops_per_token
 from ..parallel import World, all_reduce_sum, close_world, init_world, parallelize, unwrap
 from .optim import build_optimizer, lr_at, set_lr
-from .runlog import RunLog
+from .runlog import RunLog, read_jsonl
 
 HOOK_POINTS = ("on_start", "before_step", "after_backward", "after_step", "on_end")
 
@@ -198,8 +198,6 @@ def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
     """An earlier start of this run that never logged run_end died: record it."""
     if not world.is_main:
         return
-    from ..goodput import read_jsonl
-
     events = read_jsonl(run_dir / "events.jsonl")  # before this start logs anything
     starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
     if starts and not any(e["event"] == "run_end" for e in events[starts[-1] :]):
@@ -221,7 +219,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             f"(global_batch {cfg.train.global_batch} / world size {world.world_size})"
         )
     amp = autocast_dtype(cfg, device)
-    flops_per_token = _flops_per_token(args, cfg.train.seq_len)
+    flops_per_token, _, _ = training_flops_per_token(args, cfg.train.seq_len)
     peak = device.peak_flops(amp or torch.float32)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     hooks("on_start", state)
@@ -362,15 +360,6 @@ def _imbalance(loads: torch.Tensor) -> float:
         return 1.0
     mean = loads.mean(dim=1).clamp(min=1e-9)
     return float((loads.max(dim=1).values / mean).max())
-
-
-def _flops_per_token(args, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x activated non-embedding parameters (MTP included)
-    plus attention scores and values (forward + backward), causal mask not discounted."""
-    _, active = count_parameters(args, include_mtp=True)
-    layers = args.num_hidden_layers + args.num_nextn_predict_layers
-    attn = 6 * layers * seq_len * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)
-    return 6.0 * active + attn
 
 
 def _full_model(state: TrainState) -> DeepSeekV3:

@@ -81,3 +81,17 @@ class RunLog:
             self._tb.close()
         self._events.close()
         self._metrics.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it does not exist); a last line cut short
+    by a crash is skipped."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -2,9 +2,9 @@
 
 from .args import ConfigError, ModelArgs, YarnScaling
 from .model import DeepSeekV3, KVCache, LossOutput
-from .presets import PRESETS, count_parameters, preset
+from .presets import PRESETS, count_parameters, preset, training_flops_per_token
 
 __all__ = [
     "PRESETS", "ConfigError", "DeepSeekV3", "KVCache", "LossOutput", "ModelArgs", "YarnScaling",
-    "count_parameters", "preset",
+    "count_parameters", "preset", "training_flops_per_token",
 ]  # fmt: skip

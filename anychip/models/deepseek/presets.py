@@ -65,3 +65,18 @@ def count_parameters(args: ModelArgs, include_mtp: bool = False) -> tuple[int, i
         per_expert = sum(p[0].numel() for p in m.experts.parameters())
         idle += per_expert * (args.n_routed_experts - args.num_experts_per_tok)
     return total, total - idle
+
+
+def training_flops_per_token(args: ModelArgs, seq_len: int) -> tuple[float, float, float]:
+    """Training (forward + backward) FLOPs per token: (total, 6N term, attention term).
+
+    6N: 6 x activated non-embedding parameters (MTP modules included when the args have
+    them): 2 FLOPs per multiply-add forward, 4 backward. Attention: q.k over ``seq_len``
+    keys and p.v, forward + backward, per layer and head; as in PaLM's MFU the causal
+    mask is not discounted.
+    """
+    _, active = count_parameters(args, include_mtp=True)
+    layers = args.num_hidden_layers + args.num_nextn_predict_layers
+    dense = 6.0 * active
+    attn = 6.0 * layers * seq_len * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)
+    return dense + attn, dense, attn
