@@ -132,6 +132,7 @@ class Checkpointer:
         pinned = state.device.type != "cpu"
         self._stager = DefaultStager(StagingOptions(pinned, False, True, pinned))
         self._staging = None
+        self.fail_next_write: Exception | None = None  # fault injection (anychip.chaos): the next write raises it
 
     # -- state -----------------------------------------------------------------------
 
@@ -180,7 +181,15 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
 
+        def check_finite():
+            bad = _nonfinite(self.state.model, self.state.optimizer)
+            if bad:
+                raise FloatingPointError(f"{bad} holds a non-finite value; a checkpoint never stores one")
+
         def write_rank_files():
+            if self.fail_next_write is not None:
+                error, self.fail_next_write = self.fail_next_write, None
+                raise error
             r = self.world.rank
             (tmp / f"rank{r}.json").write_text(json.dumps({"step": step, "data": self.state.data.state_dict()}))
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
@@ -190,7 +199,7 @@ class Checkpointer:
 
         # every rank must agree a stage worked before the next (a failing disk on one rank
         # would otherwise leave the others waiting in a collective)
-        for stage in (prepare_directory, write_rank_files):
+        for stage in (check_finite, prepare_directory, write_rank_files):
             error = None
             try:
                 stage()
@@ -290,14 +299,17 @@ class Checkpointer:
 
     # -- load ------------------------------------------------------------------------
 
-    def load_latest(self) -> int:
-        """Restore the newest verified checkpoint; returns its step (0: none found).
+    def load_latest(self, before: int | None = None) -> int | None:
+        """Restore the newest verified checkpoint (with a step below ``before``, if given);
+        returns its step, None when there is none.
 
         Rank 0 verifies and every rank loads the same one. Raises CheckpointError when a
         checkpoint's model shape differs from the config."""
         choice = None
         if self.world.is_main:
             for d in committed(self.root):
+                if before is not None and int(d.name[len(PREFIX) :]) >= before:
+                    continue
                 problem = verify(d)
                 if problem is None:
                     choice = str(d)
@@ -311,7 +323,7 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0)
             choice = box[0]
         if choice is None:
-            return 0
+            return None
         return self._load(Path(choice))
 
     def _load(self, directory: Path) -> int:
@@ -343,6 +355,21 @@ class Checkpointer:
         self.log.event("checkpoint_load", step=meta["step"], path=str(directory), load_s=time.perf_counter() - t0,
                        saved_world_size=meta["world_size"], saved_device=meta["device"])  # fmt: skip
         return int(meta["step"])
+
+
+@torch.no_grad()
+def _nonfinite(model, optimizer) -> str | None:
+    """The name of the first parameter or optimizer state (local shard) with a NaN/Inf."""
+    tensors = [(f"parameter {n}", p) for n, p in model.named_parameters()]
+    for p, st in optimizer.state.items():
+        tensors += [(f"optimizer state {k} of a {tuple(p.shape)} parameter", v) for k, v in st.items()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]  # fmt: skip
+    for name, t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        # a cheap sum first; the element-wise test only when the sum is not finite
+        if local.numel() and not torch.isfinite(local.sum(dtype=torch.float64)) and not torch.isfinite(local).all():
+            return name
+    return None
 
 
 def _norm(v):

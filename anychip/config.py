@@ -89,6 +89,58 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardsConfig:
+    """Reliability guards around each step (anychip/guards); each can be switched off."""
+
+    nonfinite: bool = True  # NaN/Inf loss or gradients: skip the update, retry the batch once, then skip it
+    nonfinite_max: int = 3  # non-finite steps in a row before rolling back to the last checkpoint
+    spike: bool = True  # loss / gradient-norm spikes: roll back and skip the data window that led there
+    spike_window: int = 50  # steps of history for the median and MAD
+    spike_min_history: int = 20  # no spike is called before this many steps of history
+    spike_threshold: float = 8.0  # robust z-score (x - median) / (1.4826 MAD) of the loss that is a spike
+    spike_min_rise: float = 0.25  # ... and the loss must also exceed the median by this fraction
+    spike_grad_threshold: float = 12.0  # the same for the gradient norm (0 = loss only)
+    spike_grad_min_rise: float = 2.0
+    max_rollbacks: int = 3  # rollbacks for the same fault in a row before the run stops with an error
+    watchdog: bool = True  # hang watchdog: a process beside each worker that kills it when it stops beating
+    watchdog_factor: float = 2.0  # hang timeout = factor * median step time + grace
+    watchdog_grace_s: float = 5.0
+    watchdog_startup_s: float = 600.0  # timeout outside steps: start-up, checkpoint load, final evaluation
+    collective_timeout_s: float = 600.0  # process-group timeout of every collective
+    straggler_interval: int = 50  # steps between straggler verdicts (every step is measured); 0 = off
+    straggler_factor: float = 1.3  # a rank slower than the median step time by this factor is flagged
+    replica_check_interval: int = 50  # steps between parameter fingerprint comparisons of replicas; 0 = off
+    audit_interval: int = 100  # steps between recompute audits (one micro-batch computed twice); 0 = off
+    audit_rows: int = 1  # sequences of the micro-batch recomputed by the audit
+    audit_tolerance: float = -1.0  # relative tolerance; 0 = bit-equal; < 0 = auto (bit-equal on CPU)
+    audit_max_failures: int = 2  # audit failures of one rank before it is reported as faulty hardware
+
+
+@dataclass
+class ChaosConfig:
+    """Fault injection (anychip/chaos.py): proves the guards and the recovery work."""
+
+    at: list[str] = field(default_factory=list)  # "kind@step" or "kind@step:rank", e.g. ["nan@12", "kill@30:1"]
+    every: int = 0  # a random fault about every this many steps; 0 = none
+    kinds: list[str] = field(
+        default_factory=lambda: [
+            "kill",
+            "exception",
+            "hang",
+            "nan",
+            "bitflip",
+            "slow",
+            "corrupt_checkpoint",
+            "checkpoint_write",
+        ]  # fmt: skip
+    )  # what random faults draw from
+    seed: int = 0
+    slow_s: float = 0.5  # delay per step of a slowed rank
+    slow_steps: int = 20  # steps a slowed rank stays slow
+    hang: str = "native"  # native: a native call that holds the GIL | stop: SIGSTOP
+
+
+@dataclass
 class EvalConfig:
     n: int = 200  # held-out problems scored at the end of training
     max_new_tokens: int = 64
@@ -109,6 +161,8 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -259,15 +313,22 @@ _CHOICES = {
     ("data", "source"): ("reasoning_gym", "jsonl", "text"),
     ("device", "type"): ("auto", "cpu", "cuda", "npu", "xpu", "mps"),
     ("parallel", "strategy"): ("fsdp", "ddp"),
+    ("chaos", "hang"): ("native", "stop"),
 }
 _POSITIVE = [
     ("train", "steps"), ("train", "global_batch"), ("train", "seq_len"), ("train", "log_interval"),
     ("parallel", "nproc"), ("checkpoint", "keep"), ("eval", "max_new_tokens"), ("eval", "batch_size"),
+    ("guards", "nonfinite_max"), ("guards", "spike_window"), ("guards", "spike_threshold"), ("guards", "max_rollbacks"),
+    ("guards", "watchdog_factor"), ("guards", "watchdog_startup_s"), ("guards", "collective_timeout_s"),
+    ("guards", "straggler_factor"), ("guards", "audit_rows"), ("guards", "audit_max_failures"),
 ]  # fmt: skip
 _NON_NEGATIVE = [
     ("train", "micro_batch"), ("train", "warmup_steps"), ("train", "weight_decay"), ("train", "grad_clip"),
     ("checkpoint", "interval"), ("checkpoint", "keep_every"), ("parallel", "max_restarts"), ("eval", "n"),
-    ("data", "heldout_size"),
+    ("data", "heldout_size"), ("guards", "spike_min_history"), ("guards", "spike_min_rise"),
+    ("guards", "spike_grad_threshold"), ("guards", "spike_grad_min_rise"), ("guards", "watchdog_grace_s"),
+    ("guards", "straggler_interval"), ("guards", "replica_check_interval"), ("guards", "audit_interval"),
+    ("chaos", "every"), ("chaos", "slow_s"), ("chaos", "slow_steps"),
 ]  # fmt: skip
 
 
@@ -321,5 +382,16 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise bad("data", "task_options", "a table per task of data.tasks, e.g. [data.task_options.chain_sum]")
     if cfg.data.source in ("jsonl", "text") and not Path(cfg.data.path).exists():
         raise bad("data", "path", f"an existing corpus file for data.source = {cfg.data.source!r}")
+    if cfg.guards.straggler_factor <= 1:
+        raise bad("guards", "straggler_factor", "> 1")
+    from .chaos import KINDS, parse_fault
+
+    for spec in cfg.chaos.at:
+        try:
+            parse_fault(spec)
+        except ValueError as e:
+            raise ConfigError(f"{source}: chaos.at: {e}") from None
+    if any(k not in KINDS for k in cfg.chaos.kinds):
+        raise bad("chaos", "kinds", "fault kinds among " + ", ".join(KINDS))
     if cfg.data.tokenizer != "byte" and not Path(cfg.data.tokenizer).exists():
         raise bad("data", "tokenizer", '"byte" or the path of an existing tokenizer.json')

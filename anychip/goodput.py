@@ -8,14 +8,37 @@
                  process starts, resume, rendezvous, evaluation, time to detect a fault
 
 The four parts add up to the wall time by construction; goodput = productive / wall.
+
+Faults. Each `chaos_inject` event is a fault injected on purpose. Its detection is the first
+event, not already taken by an earlier injection, that answers its kind at or after it:
+    kill: crash_detected     exception: run_end (status "error")     hang: hang_detected
+    nan: nonfinite           bitflip: replica_mismatch               slow: straggler
+    sdc: audit_mismatch      corrupt_checkpoint: checkpoint_corrupt  bad_batch: spike
+    checkpoint_write: checkpoint_failed
+An injection with none is undetected. Each detection event left over (faulty_hardware included)
+is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
+"error", the others as they are; its step is the event's step (or last_step).
+
+    latency      detection time - injection time; None when undetected or not injected
+    time lost    from the injection (for a real fault: its detection) to the first metrics record
+                 after the detection whose step >= the fault's step, less one median step_time
+                 (the step that would have run anyway), at least 0; None when undetected, never
+                 back to that step, or the fault has no step
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 from .train.runlog import read_jsonl
+
+DETECTED_BY = {"kill": "crash_detected", "exception": "run_end", "hang": "hang_detected", "nan": "nonfinite",
+               "bitflip": "replica_mismatch", "slow": "straggler", "corrupt_checkpoint": "checkpoint_corrupt",
+               "checkpoint_write": "checkpoint_failed", "bad_batch": "spike", "sdc": "audit_mismatch"}  # fmt: skip
+DETECTIONS = {*DETECTED_BY.values(), "faulty_hardware"}
+REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error"}
 
 
 @dataclass
@@ -28,6 +51,9 @@ class Goodput:
     steps: int
     recomputed_steps: int
     restarts: int
+    # plain lists and dicts, so that `anychip goodput --json` can dump them as they are
+    faults: list[dict] = field(default_factory=list)  # one per fault, in time order
+    fault_summary: dict[str, dict] = field(default_factory=dict)  # kind -> counts, latency, lost
 
     @property
     def ratio(self) -> float:
@@ -53,10 +79,65 @@ def goodput(run_dir: str | Path) -> Goodput:
     productive = max(productive - staged, 0.0)
     stall += staged
     restart = max(wall - productive - recomputed - stall, 0.0)
+    found = faults(events, metrics)
     return Goodput(
         wall, productive, recomputed, stall, restart, steps=len(last_index),
         recomputed_steps=len(metrics) - len(last_index), restarts=max(len(starts) - 1, 0),
+        faults=found, fault_summary=summarize_faults(found),
     )  # fmt: skip
+
+
+def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
+    """Injected and real faults with their detection, latency and time lost (module docstring)."""
+    events = sorted(events, key=lambda e: e["time"])
+    metrics = sorted(metrics, key=lambda m: m["time"])
+    step_time = median(m["step_time"] for m in metrics) if metrics else 0.0
+
+    def lost(start: float, detected: float, step: int | None) -> float | None:
+        if step is None:
+            return None
+        back = next((m["time"] for m in metrics if m["time"] >= detected and m["step"] >= step), None)
+        return None if back is None else max(back - start - step_time, 0.0)
+
+    # run_end is a detection only with status "error"; no other detection event has a status
+    detections = [e for e in events if e["event"] in DETECTIONS and e.get("status", "error") == "error"]
+    matched: set[int] = set()
+    out = []
+    for inj in (e for e in events if e["event"] == "chaos_inject"):
+        i = next((i for i, d in enumerate(detections) if i not in matched and d["time"] >= inj["time"]
+                  and d["event"] == DETECTED_BY.get(inj["kind"])), None)  # fmt: skip
+        fault = {"kind": inj["kind"], "injected": True, "step": inj.get("step"), "rank": inj.get("rank"),
+                 "time": inj["time"], "detected_by": None, "detected_at": None, "latency_s": None, "lost_s": None}  # fmt: skip
+        if i is not None:
+            d = detections[i]
+            matched.add(i)
+            fault |= {"detected_by": d["event"], "detected_at": d["time"], "latency_s": d["time"] - inj["time"],
+                      "lost_s": lost(inj["time"], d["time"], inj.get("step"))}  # fmt: skip
+        out.append(fault)
+    for i, d in enumerate(detections):
+        if i not in matched:
+            step = d.get("step", d.get("last_step"))
+            out.append({
+                "kind": REAL_KIND.get(d["event"], d["event"]), "injected": False, "step": step,
+                "rank": d.get("rank"), "time": d["time"], "detected_by": d["event"], "detected_at": d["time"],
+                "latency_s": None, "lost_s": lost(d["time"], d["time"], step),
+            })  # fmt: skip
+    return sorted(out, key=lambda f: f["time"])
+
+
+def summarize_faults(found: list[dict]) -> dict[str, dict]:
+    """Per kind: count, injected, detected, median detection latency, total time lost (None if unknown)."""
+    out: dict[str, dict] = {}
+    for kind in dict.fromkeys(f["kind"] for f in found):
+        fs = [f for f in found if f["kind"] == kind]
+        latencies = [f["latency_s"] for f in fs if f["latency_s"] is not None]
+        losses = [f["lost_s"] for f in fs if f["lost_s"] is not None]
+        out[kind] = {
+            "count": len(fs), "injected": sum(f["injected"] for f in fs),
+            "detected": sum(f["detected_by"] is not None for f in fs),
+            "median_latency_s": median(latencies) if latencies else None, "lost_s": sum(losses) if losses else None,
+        }  # fmt: skip
+    return out
 
 
 def format_goodput(g: Goodput) -> str:
@@ -67,4 +148,9 @@ def format_goodput(g: Goodput) -> str:
         share = 100 * t / g.wall_s if g.wall_s else 0.0
         lines.append(f"  {name:<26}{t:>9.1f} s  {share:5.1f}%")
     lines.append(f"goodput {100 * g.ratio:.1f}%")
+    if g.fault_summary:
+        lines.append(f"faults{'count':>22}{'injected':>10}{'detected':>10}{'latency':>12}{'lost':>12}")
+        for kind, s in g.fault_summary.items():
+            latency, lost = (f"{t:.2f} s" if t is not None else "-" for t in (s["median_latency_s"], s["lost_s"]))
+            lines.append(f"  {kind:<20}{s['count']:>6}{s['injected']:>10}{s['detected']:>10}{latency:>12}{lost:>12}")
     return "\n".join(lines)

@@ -1,15 +1,18 @@
 """The training loop: one loop for every chip and any number of processes.
 
     setup: device -> process group -> tokenizer, model -> FSDP2/DDP -> AdamW -> data
-    for step in 1..steps:
+    while step < steps:
         batch            = data.next_batch()                     hook: before_step
         forward/backward over micro-batches, loss / global tokens  hook: after_backward
-        clip gradients; lr schedule; optimizer step
+        clip gradients                                            hook: before_update
+        guards' verdicts agreed over ranks: go | retry | skip | roll back | stop
+        lr schedule; optimizer step
         balancing-bias update from the all-reduced expert loads
-        metrics (loss, lr, grad norm, tokens/s, MFU, memory)      hook: after_step
+        metrics (loss, lr, grad norm, tokens/s, MFU, memory); checkpoint   hook: after_step
     final model (Hugging Face format) and held-out accuracy       hook: on_end
 
-Guards and checkpoints plug into the named hooks; the loop itself does not change.
+Guards (anychip/guards), fault injection (anychip/chaos.py) and checkpoints plug into
+the named hooks; the loop itself only carries out the agreed verdict.
 """
 
 from __future__ import annotations
@@ -27,17 +30,23 @@ from pathlib import Path
 
 import torch
 
+from ..chaos import install as install_chaos
 from ..checkpoint import Checkpointer
 from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
 from ..eval import EvalResult, evaluate, reduce_result, shard
+from ..guards import install as install_guards
+from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
 from ..models import DeepSeekV3, count_parameters, load_hf, save_hf, training_flops_per_token
 from ..parallel import World, all_reduce_sum, close_world, init_world, parallelize, unwrap
 from .optim import build_optimizer, lr_at, set_lr
-from .runlog import RunLog, read_jsonl
+from .runlog import RunLog, append_event, read_jsonl
 
-HOOK_POINTS = ("on_start", "before_step", "after_backward", "after_step", "on_end")
+HOOK_POINTS = (
+    "on_start", "before_step", "after_backward", "before_update", "after_step", "before_rollback", "after_rollback",
+    "on_end",
+)  # fmt: skip
 
 
 class Hooks:
@@ -55,6 +64,14 @@ class Hooks:
         for fn in self._fns[point]:
             fn(state)
 
+    def add_closer(self, fn: Callable[[], None]) -> None:
+        """Called once when the run ends, however it ends (e.g. stop a watchdog process)."""
+        self._fns["_close"].append(fn)
+
+    def close(self) -> None:
+        for fn in self._fns.pop("_close", []):
+            fn()
+
 
 @dataclass
 class TrainState:
@@ -71,7 +88,13 @@ class TrainState:
     tokenizer: object = None
     checkpointer: Checkpointer | None = None
     step: int = 0
-    batch: dict | None = None
+    batch: dict | None = None  # the batch of the step in progress (kept for a retry)
+    losses: dict = field(default_factory=dict)  # of the step in progress, before the update
+    grad_norm: float = 0.0
+    verdicts: list[Verdict] = field(default_factory=list)  # guards' judgements of the step in progress
+    agreement: Agreement | None = None
+    guarded: bool = False  # guards installed: verdicts are agreed over ranks every step
+    heartbeat: object = None  # the hang watchdog's heartbeat writer (anychip.guards.heartbeat)
     metrics: dict = field(default_factory=dict)
     eval: EvalResult | None = None
 
@@ -130,11 +153,11 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
     run_dir = Path(run_dir)
     hooks = hooks or Hooks()
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
-    world = init_world(device)
+    world = init_world(device, cfg.guards.collective_timeout_s)
     log = RunLog(run_dir, world.is_main, cfg.train.steps, cfg.log.tensorboard, cfg.log.progress)
     state = None
     try:
-        state = _setup(cfg, run_dir, device, world, log)
+        state = _setup(cfg, run_dir, device, world, log, hooks)
         _run(state, hooks)
         return state
     except BaseException as e:
@@ -143,11 +166,13 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         log.event("run_end", status="error", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        if state is not None:
+            hooks.close()
         log.close()
         close_world(world)
 
 
-def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog) -> TrainState:
+def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog, hooks: Hooks) -> TrainState:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     device.manual_seed(cfg.train.seed)
@@ -174,8 +199,10 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     if restart:
         log.event("restart", count=restart)
     state.checkpointer = Checkpointer(state, run_dir / "checkpoints")
+    install_guards(state, hooks)  # the watchdog watches from here on
+    install_chaos(state, hooks)
     state.checkpointer.cleanup()
-    state.step = state.checkpointer.load_latest()
+    state.step = state.checkpointer.load_latest() or 0
     if state.step > cfg.train.steps:
         raise ConfigError(
             f"train.steps = {cfg.train.steps} is below the step of the checkpoint to resume, {state.step}; "
@@ -222,18 +249,28 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     flops_per_token, _, _ = training_flops_per_token(args, cfg.train.seq_len)
     peak = device.peak_flops(amp or torch.float32)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    if state.guarded and state.step == 0 and cfg.checkpoint.interval:
+        state.checkpointer.save(0)  # something to roll back to before the first interval
     hooks("on_start", state)
     t_start = time.perf_counter()
-    for step in range(state.step + 1, cfg.train.steps + 1):
+    while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        state.step = step
-        state.batch = state.data.next_batch()
+        step = state.step = state.step + 1
+        if state.batch is None:  # a retried step keeps its batch
+            state.batch = state.data.next_batch()
         hooks("before_step", state)
         losses = forward_backward(model, state.batch, micro, amp, device, world)
         hooks("after_backward", state)
         grad_norm = _clip(model, cfg.train.grad_clip)
-        if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):  # before any weight changes
-            log.event("nonfinite", step=step, loss=str(losses["loss"]), grad_norm=str(grad_norm))
+        state.losses, state.grad_norm, state.verdicts = losses, grad_norm, []
+        hooks("before_update", state)  # guards judge the step before any weight changes
+        if state.guarded:
+            state.agreement = agree(state.verdicts, world)
+            if state.agreement.action != Action.GO:
+                _carry_out(state, state.agreement, hooks)
+                continue
+        if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):  # unguarded: stop, change nothing
+            log.event("nonfinite", step=step, loss=str(losses["loss"]), grad_norm=str(grad_norm), action="stop")
             raise FloatingPointError(
                 f"step {step}: loss {losses['loss']}, gradient norm {grad_norm}; stopping before the update "
                 "(weights and checkpoints are untouched)"
@@ -245,6 +282,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         optimizer.zero_grad(set_to_none=True)
         loads = all_reduce_sum(core.expert_loads().detach().float(), world)
         core.update_balancing_bias(loads)
+        state.batch = None
         device.synchronize()
         dt = time.perf_counter() - t0
         state.metrics = {
@@ -257,10 +295,10 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             "expert_imbalance": _imbalance(loads),
             "memory_peak_gb": device.memory_stats()["peak_allocated"] / 2**30,
         }
-        log.metrics(step, state.metrics)
         if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
             state.checkpointer.save(step)
-        hooks("after_step", state)
+        hooks("after_step", state)  # guards may add metrics
+        log.metrics(step, state.metrics)
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
             m = state.metrics
@@ -274,6 +312,52 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     train_time = time.perf_counter() - t_start
     _finish(state, train_time)
     hooks("on_end", state)
+
+
+def _carry_out(state: TrainState, agreed: Agreement, hooks: Hooks) -> None:
+    """Act on a verdict other than GO; no weight has changed in this step."""
+    step, log = state.step, state.log
+    state.optimizer.zero_grad(set_to_none=True)
+    unwrap(state.model).clear_expert_loads()
+    v = agreed.verdict
+    reason = v.reason if v else f"a guard of rank {agreed.winner}"
+    if v is not None and v.event and state.world.rank == agreed.winner:  # one record per fault
+        fields = {"step": step, "action": agreed.action.name.lower(), "guard": v.guard, **v.detail}
+        if state.world.is_main:
+            log.event(v.event, **fields)
+        else:
+            append_event(state.run_dir, v.event, reporting_rank=state.world.rank, **fields)
+    if agreed.action == Action.RETRY:
+        state.step = step - 1  # the same batch again
+        return
+    if agreed.action == Action.SKIP:
+        log.event("update_skipped", step=step, batch=state.data.stats["batches"], reason=reason)
+        state.batch = None  # the step counts; its batch is dropped
+        return
+    if agreed.action == Action.STOP:
+        raise GuardStop(f"step {step}: {reason}")
+    # ROLLBACK: the newest good checkpoint before the fault; optionally skip the data since
+    t0 = time.perf_counter()
+    hooks("before_rollback", state)
+    drawn = state.data.stats["batches"]
+    state.checkpointer.wait()
+    back = state.checkpointer.load_latest(before=agreed.before)
+    if back is None:
+        raise GuardStop(f"step {step}: {reason}; no checkpoint to roll back to")
+    unwrap(state.model).clear_expert_loads()
+    skipped = None
+    if agreed.skip_data:
+        first = state.data.stats["batches"] + 1
+        for _ in range(first, drawn + 1):
+            state.data.next_batch()
+        skipped = [first, drawn]
+        log.event("data_skipped", first_batch=first, last_batch=drawn, reason=reason)
+    state.step, state.batch = back, None
+    log.event("rollback", from_step=step, to_step=back, reason=reason, skipped=skipped,
+              duration_s=time.perf_counter() - t0)  # fmt: skip
+    log.print(f"[yellow]step {step}: {reason}; rolled back to step {back}"
+              + (f", skipping batches {skipped[0]}-{skipped[1]}" if skipped else "") + "[/yellow]")  # fmt: skip
+    hooks("after_rollback", state)
 
 
 def forward_backward(model, batch: dict, micro: int, amp, device: Device, world: World) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..events import append_event, read_jsonl  # noqa: F401  (re-exported)
+
 
 class RunLog:
     def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool = True, progress: bool = True):
@@ -81,17 +83,3 @@ class RunLog:
             self._tb.close()
         self._events.close()
         self._metrics.close()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (none if it does not exist); a last line cut short
-    by a crash is skipped."""
-    if not Path(path).is_file():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

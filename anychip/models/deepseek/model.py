@@ -441,6 +441,12 @@ class DeepSeekV3(nn.Module):
             m.gate.e_score_correction_bias.zero_()
             m.expert_load.zero_()
 
+    @torch.no_grad()
+    def clear_expert_loads(self) -> None:
+        """Forget the tokens counted since the last bias update (a step that is dropped)."""
+        for m in self.moe_layers():
+            m.expert_load.zero_()
+
     def materialize_counters(self) -> None:
         """Give the expert-load counters (not in the state dict) real zeros on the
         device of the weights, e.g. after ``load_state_dict(..., assign=True)`` on meta."""

@@ -1,0 +1,76 @@
+"""What a guard says about a step, and how all ranks agree on it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+
+class Action(IntEnum):
+    """Ordered: when ranks disagree, the strongest action wins."""
+
+    GO = 0  # apply the update
+    RETRY = 1  # drop the gradients and compute the same batch again
+    SKIP = 2  # drop the gradients and the batch; go on with the next one
+    ROLLBACK = 3  # restore the newest good checkpoint (before ``before``), optionally skipping data
+    STOP = 4  # end the run with an error that says why
+
+
+@dataclass
+class Verdict:
+    action: Action
+    guard: str
+    reason: str
+    before: int | None = None  # ROLLBACK: the checkpoint must precede this step
+    skip_data: bool = False  # ROLLBACK: also skip the batches between the checkpoint and this step
+    event: str = ""  # the event the agreed rank records (e.g. "spike"), with ``detail`` as its fields
+    detail: dict = field(default_factory=dict)
+
+
+class GuardStop(RuntimeError):
+    """A guard ended the run: a restart cannot fix what it found (not retried by the launcher)."""
+
+
+@dataclass
+class Agreement:
+    action: Action
+    verdict: Verdict | None  # this rank's strongest verdict, when it is the one agreed on
+    before: int | None  # ROLLBACK: the checkpoint must precede this step (None: the newest)
+    skip_data: bool
+    winner: int  # the rank whose verdict was agreed on (it records the event)
+    lateness: list[float]  # per rank: seconds after the first rank that it reached the agreement
+
+
+def agree(verdicts: list[Verdict], world) -> Agreement:
+    """The strongest verdict over all ranks (with its rollback target) and each rank's
+    arrival time: one all-gather of four numbers per rank per step."""
+    mine = max(verdicts, key=lambda v: v.action, default=None)
+    row = [
+        float(mine.action) if mine else 0.0,
+        time.time(),
+        float(mine.before) if mine and mine.before is not None else -1.0,
+        1.0 if mine and mine.skip_data else 0.0,
+    ]
+    if not world.distributed:
+        table = torch.tensor([row], dtype=torch.float64)
+    else:
+        local = torch.tensor(row, dtype=torch.float64)
+        everyone = [torch.empty_like(local) for _ in range(world.world_size)]
+        dist.all_gather(everyone, local)
+        table = torch.stack(everyone)
+    winner = int(table[:, 0].argmax().item())  # the first rank with the strongest action
+    action = Action(int(table[winner, 0].item()))
+    before = int(table[winner, 2].item())
+    arrivals = table[:, 1]
+    return Agreement(
+        action=action,
+        verdict=mine if mine is not None and mine.action == action else None,
+        before=None if before < 0 else before,
+        skip_data=bool(table[winner, 3].item()),
+        winner=winner,
+        lateness=(arrivals - arrivals.min()).tolist(),
+    )

@@ -1,0 +1,86 @@
+"""The worker's side of the hang watchdog.
+
+Each rank writes ``RUN_DIR/heartbeat/rank<r>.json`` (step, phase, time, and the deadline
+it promises to beat again within) and starts ``python -m anychip.guards.watchdog``
+beside itself. A watchdog thread inside the worker would not do: a worker stuck in a
+native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
+``watchdog_factor`` x the median step time + ``watchdog_grace_s``; around start-up,
+checkpoint steps, rollbacks and the final evaluation, ``watchdog_startup_s``.
+
+On SIGUSR1 the worker's Python stacks are written to ``RUN_DIR/stacks/rank<r>-<pid>.txt``
+by faulthandler, which works while another thread holds the GIL.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+
+class Heartbeat:
+    def __init__(self, run_dir: Path, rank: int, guards_cfg, cfg):
+        self.cfg, self.train, self.ckpt = guards_cfg, cfg.train, cfg.checkpoint
+        self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stacks = Path(run_dir) / "stacks" / f"rank{rank}-{os.getpid()}.txt"
+        stacks.parent.mkdir(parents=True, exist_ok=True)
+        self._stacks = open(stacks, "w")
+        faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True, chain=False)
+        self.step_times: deque[float] = deque(maxlen=50)
+        self._last = None
+        self.beat(0, "start-up", self.cfg.watchdog_startup_s)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(self.path), "--pid",
+             str(os.getpid()), "--run-dir", str(run_dir), "--rank", str(rank), "--stacks", str(stacks)],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def beat(self, step: int, phase: str, timeout_s: float) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time(), "timeout_s": timeout_s,
+                                   "pid": os.getpid()}))  # fmt: skip
+        os.replace(tmp, self.path)
+
+    def _step_timeout(self, next_step: int) -> float:
+        t = self.train
+        checkpointing = self.ckpt.interval and (next_step % self.ckpt.interval == 0 or next_step == t.steps)
+        if len(self.step_times) < 3 or checkpointing or next_step > t.steps:
+            return self.cfg.watchdog_startup_s  # no step timing yet, a save, or the final evaluation
+        return self.cfg.watchdog_factor * statistics.median(self.step_times) + self.cfg.watchdog_grace_s
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def before_update(self, state) -> None:
+        self.beat(state.step, "step", self._step_timeout(state.step))
+
+    def before_rollback(self, state) -> None:
+        self.beat(state.step, "rollback", self.cfg.watchdog_startup_s)  # a checkpoint load
+
+    def after_step(self, state) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.step_times.append(now - self._last)
+        self._last = now
+        self.beat(state.step, "step", self._step_timeout(state.step + 1))
+
+    def after_rollback(self, state) -> None:
+        self._last = None
+        self.beat(state.step, "rollback", self._step_timeout(state.step + 1))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        faulthandler.unregister(signal.SIGUSR1)
+        name = self._stacks.name
+        self._stacks.close()
+        if os.path.getsize(name) == 0:
+            os.remove(name)

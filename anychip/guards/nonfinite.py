@@ -1,0 +1,51 @@
+"""NaN/Inf in the loss or the gradients: never let it reach the weights.
+
+First time at a step: drop the gradients and compute the same batch again (a transient
+fault leaves no trace: the run stays bit-identical). Non-finite again: the batch is the
+cause; skip it. ``nonfinite_max`` steps in a row: roll back to the last checkpoint;
+``max_rollbacks`` rollbacks without getting past the fault: stop."""
+
+from __future__ import annotations
+
+import math
+
+from .base import Action, Verdict
+
+
+class NonFinite:
+    def __init__(self, cfg):
+        self.max_in_row = cfg.nonfinite_max
+        self.max_rollbacks = cfg.max_rollbacks
+        self.retried: int | None = None  # step already retried once
+        self.in_row = 0
+        self.rollbacks = 0
+        self.fault_step = 0
+
+    def before_update(self, state) -> None:
+        loss, norm = state.losses["loss"], state.grad_norm
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        step = state.step
+        if self.retried != step:
+            self.retried, action = step, Action.RETRY
+        else:
+            self.in_row += 1
+            action = Action.SKIP
+            if self.in_row >= self.max_in_row:
+                self.in_row, self.fault_step = 0, max(self.fault_step, step)
+                self.rollbacks += 1
+                action = Action.ROLLBACK if self.rollbacks <= self.max_rollbacks else Action.STOP
+        reason = f"non-finite loss {loss} / gradient norm {norm}"
+        if action == Action.STOP:
+            reason += f" after {self.max_rollbacks} rollbacks"
+        state.verdicts.append(Verdict(action, "nonfinite", reason, before=step, event="nonfinite",
+                                      detail={"loss": str(loss), "grad_norm": str(norm)}))  # fmt: skip
+
+    def after_step(self, state) -> None:
+        self.retried = None
+        self.in_row = 0
+        if state.step > self.fault_step:
+            self.rollbacks = 0
+
+    def after_rollback(self, state) -> None:
+        self.retried = None

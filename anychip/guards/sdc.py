@@ -1,0 +1,136 @@
+"""Silent data corruption: wrong numbers without an error.
+
+ReplicaCheck: every ``replica_check_interval`` steps, and before every checkpoint, each
+data-parallel replica (DDP) fingerprints its parameters (the integer sum of their bit
+patterns: any flipped bit changes it); the fingerprints are all-gathered and a replica
+that differs from the majority is named and the run rolls back. A checkpoint is
+therefore only written from weights that all replicas agree on.
+
+RecomputeAudit: every ``audit_interval`` steps one slice of the step's batch
+(``audit_rows`` sequences) is computed twice on each rank, locally, and the loss and
+gradient fingerprints compared: bit-equal on deterministic devices (CPU), within
+``audit_tolerance`` elsewhere. A mismatch rolls back; a rank that fails
+``audit_max_failures`` audits is reported as faulty hardware and the run stops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import unwrap
+from .base import Action, Verdict
+
+
+@torch.no_grad()
+def fingerprint(tensors) -> int:
+    """An integer that changes when any bit of any tensor changes (local shards)."""
+    total = 0
+    for i, t in enumerate(tensors, start=1):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        local = local.detach().contiguous().view(-1)
+        if local.numel() == 0:
+            continue
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
+        total = (total + i * int(local.view(bits).sum(dtype=torch.int64))) % (1 << 62)
+    return total
+
+
+class ReplicaCheck:
+    def __init__(self, cfg, checkpoint_interval: int):
+        self.interval = cfg.replica_check_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.max_rollbacks = cfg.max_rollbacks
+        self.rollbacks = 0
+        self.fault_step = 0
+
+    def before_update(self, state) -> None:
+        step, last = state.step, state.cfg.train.steps
+        saving = self.checkpoint_interval and (step % self.checkpoint_interval == 0 or step == last)
+        if step % self.interval and not saving:
+            return
+        mine = torch.tensor([fingerprint(state.model.parameters())], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(state.world.world_size)]
+        dist.all_gather(everyone, mine)
+        prints = [int(t.item()) for t in everyone]
+        if len(set(prints)) == 1:
+            return
+        value, votes = Counter(prints).most_common(1)[0]
+        majority = votes > len(prints) / 2
+        suspects = [r for r, f in enumerate(prints) if f != value] if majority else list(range(len(prints)))
+        self.rollbacks += 1
+        self.fault_step = max(self.fault_step, step)
+        action = Action.ROLLBACK if self.rollbacks <= self.max_rollbacks else Action.STOP
+        who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
+        state.verdicts.append(Verdict(action, "replica_check", f"parameters differ between replicas: {who}",
+                                      event="replica_mismatch", detail={"ranks": suspects, "majority": majority,
+                                      "fingerprints": [str(f) for f in prints]}))  # fmt: skip
+
+    def after_step(self, state) -> None:
+        if state.step > self.fault_step:
+            self.rollbacks = 0
+
+
+class RecomputeAudit:
+    def __init__(self, cfg, device):
+        self.interval = cfg.audit_interval
+        self.rows = cfg.audit_rows
+        self.tolerance = cfg.audit_tolerance if cfg.audit_tolerance >= 0 else (0.0 if device.type == "cpu" else 1e-5)
+        self.max_failures = cfg.audit_max_failures
+        self.failures = 0
+
+    def _once(self, state, x, y) -> torch.Tensor:
+        model = state.model
+        core = unwrap(model)
+        sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2: gradients would be reduce-scattered
+        from ..train.loop import _autocast, autocast_dtype
+
+        def objective(out):
+            total = out.lm_loss + sum(out.mtp_losses)
+            return total if out.balance_loss is None else total + out.balance_loss
+
+        with _autocast(state.device, autocast_dtype(state.cfg, state.device)):
+            if sharded:
+                with torch.no_grad():
+                    return objective(model(x, labels=y, reduction="sum")).detach().double().view(1)
+            loss = objective(core(x, labels=y, reduction="sum"))
+        params = [p for p in core.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        parts = [loss.detach().double().view(1)]
+        for g in grads:
+            if g is not None:
+                g = g.double()
+                parts.append(torch.stack([g.sum(), g.square().sum()]))
+        return torch.cat(parts)
+
+    def before_update(self, state) -> None:
+        if state.step % self.interval:
+            return
+        core = unwrap(state.model)
+        dev = core.embed_tokens.weight.device
+        x = state.batch["input_ids"][: self.rows].to(dev)
+        y = state.batch["labels"][: self.rows].to(dev)
+        counters = [m.expert_load.clone() for m in core.moe_layers()]
+        first, second = self._once(state, x, y), self._once(state, x, y)
+        for m, c in zip(core.moe_layers(), counters):  # the audit's tokens are not the step's
+            m.expert_load.copy_(c)
+        if self.tolerance == 0:
+            same = torch.equal(first, second)
+            diff = 0.0 if same else float(((first - second).abs() / first.abs().clamp(min=1e-30)).max())
+        else:
+            diff = float(((first - second).abs() / first.abs().clamp(min=1e-30)).max())
+            same = diff <= self.tolerance
+        if same:
+            return
+        self.failures += 1
+        rank = state.world.rank
+        if self.failures >= self.max_failures:
+            state.verdicts.append(Verdict(Action.STOP, "audit", f"rank {rank} failed {self.failures} recompute "
+                                          "audits: faulty hardware, replace it", event="faulty_hardware",
+                                          detail={"rank": rank, "failures": self.failures}))  # fmt: skip
+            return
+        state.verdicts.append(Verdict(Action.ROLLBACK, "audit", f"recompute audit on rank {rank} disagrees "
+                                      f"with itself (max relative difference {diff:.3g})", event="audit_mismatch",
+                                      detail={"rank": rank, "max_rel_diff": diff}))  # fmt: skip

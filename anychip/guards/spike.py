@@ -1,0 +1,68 @@
+"""Loss and gradient-norm spikes, by a robust detector: the median and the median absolute
+deviation (MAD) of the last ``spike_window`` good steps. A step is a spike when
+
+    (x - median) / (1.4826 * MAD) > threshold   and   x > median * (1 + min_rise)
+
+(the second test keeps a flat, low-noise stretch from calling a tiny bump a spike).
+On a spike the run rolls back to the newest checkpoint before it and skips the batches
+drawn since (the data window that led there; recorded as ``data_skipped``), as PaLM did
+by hand. ``max_rollbacks`` spikes without getting past the step: stop."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+from .base import Action, Verdict
+
+
+def robust_z(history, x: float) -> tuple[float, float, float]:
+    """(z, median, MAD) of ``x`` against ``history``; z is inf when MAD is 0 and x > median."""
+    med = statistics.median(history)
+    mad = statistics.median(abs(h - med) for h in history)
+    if mad == 0:
+        return (float("inf") if x > med else 0.0), med, mad
+    return (x - med) / (1.4826 * mad), med, mad
+
+
+class Spike:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.history: deque[tuple[int, float, float]] = deque(maxlen=cfg.spike_window)  # (step, loss, grad norm)
+        self.rollbacks = 0
+        self.fault_step = 0
+
+    def _check(self, name: str, col: int, x: float, threshold: float, min_rise: float):
+        if threshold <= 0 or len(self.history) < self.cfg.spike_min_history:
+            return None
+        z, med, mad = robust_z([h[col] for h in self.history], x)
+        if z > threshold and x > med * (1 + min_rise):
+            return {"metric": name, "value": x, "median": med, "mad": mad, "z": z}
+        return None
+
+    def before_update(self, state) -> None:
+        loss, norm = state.losses["loss"], state.grad_norm
+        g = self.cfg
+        found = self._check("loss", 1, loss, g.spike_threshold, g.spike_min_rise) or self._check(
+            "grad_norm", 2, norm, g.spike_grad_threshold, g.spike_grad_min_rise
+        )
+        if found is None:
+            return
+        self.rollbacks += 1
+        self.fault_step = max(self.fault_step, state.step)
+        stop = self.rollbacks > g.max_rollbacks
+        reason = f"{found['metric']} spike {found['value']:.4g} (median {found['median']:.4g}, z {found['z']:.1f})"
+        if stop:
+            reason += f"; {g.max_rollbacks} rollbacks did not get past it"
+        state.verdicts.append(Verdict(Action.STOP if stop else Action.ROLLBACK, "spike", reason, before=state.step,
+                                      skip_data=True, event="spike", detail=found))  # fmt: skip
+
+    def after_step(self, state) -> None:
+        self.history.append((state.step, state.losses["loss"], state.grad_norm))
+        if state.step > self.fault_step:
+            self.rollbacks = 0
+
+    def after_rollback(self, state) -> None:
+        kept = [h for h in self.history if h[0] <= state.step]
+        self.history.clear()
+        self.history.extend(kept)

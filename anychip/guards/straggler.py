@@ -1,0 +1,54 @@
+"""Stragglers: which rank holds the others back.
+
+Every step the ranks agree on the guards' verdicts in one all-gather that also carries
+each rank's arrival time; a rank that arrives late has done its part of the step more
+slowly (the others wait for it in the collectives that follow). Every
+``straggler_interval`` steps each rank's time is estimated as the median step time
+minus what it waited for the last rank to arrive, and a rank slower than the median of
+these by ``straggler_factor`` is flagged: a ``straggler`` event and the metric
+``straggler_ratio``. Flagging does not change the run.
+
+What this sees: slowness between two collectives that the slow rank alone pays (host
+work, data, a slow device step). Compute that is already waited for inside FSDP/DDP's
+own collectives shows as a slower job for every rank; per-kernel device timing would be
+needed to attribute it."""
+
+from __future__ import annotations
+
+import statistics
+
+
+class Straggler:
+    def __init__(self, cfg):
+        self.interval = cfg.straggler_interval
+        self.factor = cfg.straggler_factor
+        self.lateness: list[list[float]] = []
+        self.step_times: list[float] = []
+
+    def after_step(self, state) -> None:
+        if state.agreement is None:
+            return
+        self.lateness.append(state.agreement.lateness)
+        self.step_times.append(state.metrics["step_time"])
+        if state.step % self.interval or len(self.lateness) < 2:
+            return
+        n = len(self.lateness[0])
+        late = [statistics.mean(row[r] for row in self.lateness) for r in range(n)]
+        step_time = statistics.median(self.step_times)
+        own = [step_time - (max(late) - x) for x in late]  # each rank's time without its waiting
+        med = statistics.median(own)
+        ratio = max(own) / med if med > 0 else 1.0
+        state.metrics["straggler_ratio"] = ratio
+        first = state.step - len(self.lateness) + 1
+        for r, t in enumerate(own):
+            if med > 0 and t > self.factor * med:
+                state.log.event("straggler", step=state.step, rank=r, ratio=t / med, lateness_s=late[r],
+                                step_time_s=step_time, steps=[first, state.step])  # fmt: skip
+                state.log.print(f"[yellow]rank {r} is a straggler: {t / med:.2f}x the median rank over steps "
+                                f"{first}-{state.step} ({late[r] * 1e3:.0f} ms late per step)[/yellow]")  # fmt: skip
+        self.lateness.clear()
+        self.step_times.clear()
+
+    def after_rollback(self, state) -> None:
+        self.lateness.clear()
+        self.step_times.clear()
