@@ -148,6 +148,7 @@ class Checkpointer:
             "model_shape": {k: v for k, v in asdict(args).items() if k not in SHAPE_FREE},
             "world_size": self.world.world_size,
             "device": self.state.device.type,
+            "optimizer_empty": not self.state.optimizer.state,
             "time": time.time(),
         }
 
@@ -208,6 +209,10 @@ class Checkpointer:
             if not self._all_ok(error is None):
                 self._failed(step, error or RuntimeError("a checkpoint write failed on another rank"))
                 return
+        # before the first update the optimizer has no state; DCP creates it with a zero-lr
+        # step (step counters at 1). That must not change the run: it is cleared again once
+        # copied, and on load (meta "optimizer_empty")
+        fresh = not self.state.optimizer.state
         try:
             if self.state.cfg.checkpoint.async_save:
                 response = dcp.async_save(
@@ -223,6 +228,9 @@ class Checkpointer:
         except Exception as e:  # a failing write must not end the run
             self._failed(step, e)
             return
+        if fresh:
+            self.wait_staged()
+            self.state.optimizer.state.clear()
         done = threading.Event()
         self._pending = (future, done, step)
         if self.state.cfg.checkpoint.async_save:
@@ -339,6 +347,8 @@ class Checkpointer:
         dcp.load(app, checkpoint_id=str(directory), no_dist=not self.world.distributed)
         set_state_dict(self.state.model, self.state.optimizer, model_state_dict=app["model"],
                        optim_state_dict=app["optim"])  # fmt: skip
+        if meta.get("optimizer_empty"):
+            self.state.optimizer.state.clear()
         r = self.world.rank
         per_rank = directory / f"rank{r}.json"
         if not per_rank.is_file():  # resharded to more ranks: rank 0's data state is the global one

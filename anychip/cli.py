@@ -9,13 +9,15 @@ import uuid
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .launch import default_run_dir
+from .launch import FATAL, default_run_dir
 
 
 def _train(a: argparse.Namespace) -> int:
     sets = list(a.sets)
     if a.nproc is not None:
         sets.append(f"parallel.nproc={a.nproc}")
+    for spec in a.chaos:  # shorthand: every=N, or kind@step[:rank],...
+        sets.append(f"chaos.{spec}" if spec.startswith("every=") else f"chaos.at={spec}")
     config = a.config
     if a.resume is not None:  # continue a stopped run: its own config, plus any --set changes
         if a.config or a.run_dir:
@@ -45,6 +47,8 @@ def launch_workers(cfg, run_dir: Path) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    fatal = run_dir / FATAL
+    fatal.unlink(missing_ok=True)  # a new launch (e.g. --resume after a fix) tries again
     config_file = run_dir / "launch.toml"  # the workers write config.toml once it fits the checkpoint
     config_file.write_text(cfg.to_toml())
     launch = LaunchConfig(
@@ -62,6 +66,9 @@ def launch_workers(cfg, run_dir: Path) -> int:
             "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
         )
     except ChildFailedError as e:
+        if fatal.is_file():
+            print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
+            return 2
         print(f"anychip: workers failed after {cfg.parallel.max_restarts} restarts: {e}", file=sys.stderr)
         return 1
     return 0
@@ -135,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--nproc", type=int, help="local worker processes (parallel.nproc)")
     t.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument(
+        "--chaos",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject faults: kind@step[:rank],... or every=N (see [chaos] in the config)",
+    )
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="held-out accuracy of a run (RUN_DIR) or a Hugging Face directory")
@@ -159,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(fn=_goodput)
     a = p.parse_args(argv)
     from .device import DeviceError
+    from .guards.base import GuardStop
     from .models.hf import CheckpointError
 
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, FileExistsError, GuardStop) as err:
         print(f"anychip: {err}", file=sys.stderr)
         return 2
 

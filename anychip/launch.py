@@ -8,12 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
+
+FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
 
 
 def default_run_dir() -> Path:
@@ -34,14 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path)
     a = p.parse_args(argv)
     from .device import DeviceError
+    from .guards.base import GuardStop
     from .models.hf import CheckpointError
     from .train.loop import train
 
     try:
+        run_dir = a.run_dir or default_run_dir()
+        fatal = run_dir / FATAL
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) and fatal.is_file():
+            # an earlier attempt stopped for a reason that a restart cannot fix: do not retry it
+            print(f"anychip: not retried: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
+            return 2
         cfg = load_config(a.config, a.sets)
-        train(cfg, a.run_dir or default_run_dir())
-    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError) as e:
+        train(cfg, run_dir)
+    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, GuardStop) as e:
         print(f"anychip: {e}", file=sys.stderr)  # a clear message, not a traceback
+        if a.run_dir or os.environ.get("TORCHELASTIC_RUN_ID"):
+            with contextlib.suppress(OSError):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / FATAL).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
     return 0
 

@@ -38,6 +38,15 @@ def fingerprint(tensors) -> int:
     return total
 
 
+def odd_ones_out(prints: list[int]) -> tuple[list[int], bool]:
+    """The ranks whose fingerprint differs from the majority's, and whether there is a
+    majority (with none, e.g. two replicas that disagree, every rank is a suspect)."""
+    value, votes = Counter(prints).most_common(1)[0]
+    if votes > len(prints) / 2:
+        return [r for r, f in enumerate(prints) if f != value], True
+    return list(range(len(prints))), False
+
+
 class ReplicaCheck:
     def __init__(self, cfg, checkpoint_interval: int):
         self.interval = cfg.replica_check_interval
@@ -57,9 +66,7 @@ class ReplicaCheck:
         prints = [int(t.item()) for t in everyone]
         if len(set(prints)) == 1:
             return
-        value, votes = Counter(prints).most_common(1)[0]
-        majority = votes > len(prints) / 2
-        suspects = [r for r, f in enumerate(prints) if f != value] if majority else list(range(len(prints)))
+        suspects, majority = odd_ones_out(prints)
         self.rollbacks += 1
         self.fault_step = max(self.fault_step, step)
         action = Action.ROLLBACK if self.rollbacks <= self.max_rollbacks else Action.STOP

@@ -10,6 +10,7 @@ by hand. ``max_rollbacks`` spikes without getting past the step: stop."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
@@ -42,6 +43,8 @@ class Spike:
 
     def before_update(self, state) -> None:
         loss, norm = state.losses["loss"], state.grad_norm
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return  # the non-finite guard's case
         g = self.cfg
         found = self._check("loss", 1, loss, g.spike_threshold, g.spike_min_rise) or self._check(
             "grad_norm", 2, norm, g.spike_grad_threshold, g.spike_grad_min_rise

@@ -259,10 +259,10 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         if state.batch is None:  # a retried step keeps its batch
             state.batch = state.data.next_batch()
         hooks("before_step", state)
-        losses = forward_backward(model, state.batch, micro, amp, device, world)
+        state.losses = losses = forward_backward(model, state.batch, micro, amp, device, world)
         hooks("after_backward", state)
         grad_norm = _clip(model, cfg.train.grad_clip)
-        state.losses, state.grad_norm, state.verdicts = losses, grad_norm, []
+        state.grad_norm, state.verdicts = grad_norm, []
         hooks("before_update", state)  # guards judge the step before any weight changes
         if state.guarded:
             state.agreement = agree(state.verdicts, world)

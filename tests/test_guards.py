@@ -1,0 +1,355 @@
+"""Guards and chaos: every fault kind injected into real runs (1 and 2 processes); the run
+completes by itself and, after transient faults, ends bit-identical to the fault-free run."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from anychip.chaos import parse_fault, schedule
+from anychip.checkpoint import committed
+from anychip.config import ChaosConfig, ConfigError, GuardsConfig, load_config
+from anychip.goodput import goodput
+from anychip.guards.base import Action, GuardStop
+from anychip.guards.nonfinite import NonFinite
+from anychip.guards.sdc import fingerprint, odd_ones_out
+from anychip.guards.spike import robust_z
+from anychip.train.loop import Hooks, train
+from anychip.train.runlog import read_jsonl as lines
+
+RUN = [
+    "model.preset=debug", "train.steps=30", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
+    "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu", "checkpoint.interval=5",
+    "checkpoint.keep=3", "guards.spike_min_history=5", "guards.audit_interval=10", "parallel.max_restarts=0",
+]  # fmt: skip
+DDP = ["parallel.nproc=2", "parallel.strategy=ddp", "guards.replica_check_interval=5",
+       "guards.straggler_interval=10", "chaos.slow_s=0.2", "parallel.max_restarts=3"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_inprocess(run_dir: Path, *sets: str, hooks=None):
+    return train(load_config(None, [*RUN, *sets]), run_dir, hooks)
+
+
+def run_cli(run_dir: Path, *sets: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
+    for s in (*RUN, "parallel.max_restarts=3", *sets):
+        args += ["--set", s]
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    return [e for e in lines(run_dir / "events.jsonl") if kind is None or e["event"] == kind]
+
+
+def assert_checkpoints_finite(run_dir: Path, tmp_path: Path) -> None:
+    """Every committed checkpoint's model and optimizer tensors are finite."""
+    dirs = committed(run_dir / "checkpoints")
+    assert dirs
+    for d in dirs:
+        out = tmp_path / f"{d.name}.pt"
+        dcp_to_torch_save(d, out)
+        tensors = _tensors(torch.load(out, weights_only=True))
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), d
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_inprocess(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_ddp(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref2") / "run"
+    r = run_cli(run, *DDP)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+# -- one process, in-process ----------------------------------------------------------
+
+
+def test_one_off_nan_is_retried_and_the_run_stays_bit_identical(reference, tmp_path):
+    run = tmp_path / "nan"
+    run_inprocess(run, "chaos.at=nan@7")
+    assert_identical(weights(run), weights(reference))
+    [nf] = events(run, "nonfinite")
+    assert nf["step"] == 7 and nf["action"] == "retry" and nf["grad_norm"] == "nan"
+    assert_checkpoints_finite(run, tmp_path)
+
+
+def test_a_batch_that_always_gives_nan_is_skipped_then_repeated_nans_roll_back_then_stop(tmp_path):
+    def poison(batches):
+        def hook(state):
+            if state.data.stats["batches"] in batches:
+                next(p for p in state.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+        hooks = Hooks()
+        hooks.add("after_backward", hook)
+        return hooks
+
+    run = tmp_path / "skip"
+    state = run_inprocess(run, hooks=poison({12}))  # data-caused: non-finite on every attempt
+    assert state.step == 30
+    actions = [(e["step"], e["action"]) for e in events(run, "nonfinite")]
+    assert actions == [(12, "retry"), (12, "skip")]
+    [skip] = events(run, "update_skipped")
+    assert skip["step"] == 12 and skip["batch"] == 12
+    assert 12 not in [m["step"] for m in lines(run / "metrics.jsonl")]  # no update at step 12
+
+    run = tmp_path / "stop"
+    with pytest.raises(GuardStop, match="after 3 rollbacks"):
+        run_inprocess(run, "guards.nonfinite_max=2", hooks=poison(set(range(12, 1000))))
+    acts = [e["action"] for e in events(run, "nonfinite")]
+    assert acts.count("rollback") == 3 and acts[-1] == "stop"
+    rollbacks = events(run, "rollback")
+    assert [r["to_step"] for r in rollbacks] == [10, 10, 10]
+    assert_checkpoints_finite(run, tmp_path)  # nothing non-finite was ever written
+
+
+def test_data_caused_spike_rolls_back_and_skips_the_window(reference, tmp_path):
+    run = tmp_path / "spike"
+    state = run_inprocess(run, "chaos.at=bad_batch@22")
+    assert state.step == 30
+    [spike] = events(run, "spike")
+    assert spike["step"] == 22 and spike["action"] == "rollback" and spike["z"] > 8
+    [rb] = events(run, "rollback")
+    assert rb["from_step"] == 22 and rb["to_step"] == 20 and rb["skipped"] == [21, 22]
+    [skipped] = events(run, "data_skipped")
+    assert (skipped["first_batch"], skipped["last_batch"]) == (21, 22)
+    # steps 21.. were redone on batches 23..: the poisoned batch 22 was never drawn again
+    assert [e["batch"] for e in events(run, "chaos_inject")] == [22]
+    final = lines(run / "metrics.jsonl")[-1]
+    assert final["step"] == 30 and abs(final["loss"] - lines(reference / "metrics.jsonl")[-1]["loss"]) < 0.5
+
+
+def test_spike_that_comes_back_stops_the_run_after_bounded_rollbacks(tmp_path):
+    def spike(state):  # a spike at step 22 whatever the data: rollbacks cannot get past it
+        if state.step == 22:
+            state.losses["loss"] = 100.0
+
+    hooks = Hooks()
+    hooks.add("after_backward", spike)
+    run = tmp_path / "stop"
+    with pytest.raises(GuardStop, match="2 rollbacks did not get past it"):
+        run_inprocess(run, "guards.max_rollbacks=2", hooks=hooks)
+    assert [e["action"] for e in events(run, "spike")] == ["rollback", "rollback", "stop"]
+    assert [(r["to_step"], r["skipped"]) for r in events(run, "rollback")] == [
+        (20, [21, 22]),
+        (20, [21, 24]),
+    ]  # all since the checkpoint
+
+
+def test_recompute_audit_catches_flaky_compute_and_rolls_back(reference, tmp_path):
+    run = tmp_path / "sdc"
+    run_inprocess(run, "chaos.at=sdc@10")
+    assert_identical(weights(run), weights(reference))
+    [audit] = events(run, "audit_mismatch")
+    assert audit["step"] == 10 and audit["rank"] == 0 and audit["max_rel_diff"] > 0
+    [rb] = events(run, "rollback")
+    assert (rb["from_step"], rb["to_step"], rb["skipped"]) == (10, 5, None)
+
+    run = tmp_path / "faulty"
+    with pytest.raises(GuardStop, match="rank 0 failed 2 recompute audits: faulty hardware"):
+        run_inprocess(run, "chaos.at=sdc@10,sdc@20")
+    [bad] = events(run, "faulty_hardware")
+    assert bad["rank"] == 0 and bad["step"] == 20
+
+
+def test_failed_checkpoint_write_is_survived(reference, tmp_path):
+    run = tmp_path / "write"
+    run_inprocess(run, "chaos.at=checkpoint_write@8")
+    assert_identical(weights(run), weights(reference))
+    [failed] = events(run, "checkpoint_failed")
+    assert failed["step"] == 10 and "chaos" in failed["error"]
+    assert 10 not in [int(d.name[5:]) for d in committed(run / "checkpoints")]
+
+
+def test_guards_off_run_the_plain_loop(reference, tmp_path):
+    off = ["guards.nonfinite=false", "guards.spike=false", "guards.watchdog=false", "guards.audit_interval=0"]
+    run = tmp_path / "off"
+    run_inprocess(run, *off)
+    assert_identical(weights(run), weights(reference))
+    assert events(run, "guards")[0]["installed"] == []
+    with pytest.raises(FloatingPointError, match="stopping before the update"):
+        run_inprocess(tmp_path / "off_nan", *off, "chaos.at=nan@7")
+
+
+# -- one process under the elastic agent -----------------------------------------------
+
+
+def test_hang_is_detected_fast_with_stacks_and_the_run_resumes(reference, tmp_path):
+    run = tmp_path / "hang"
+    r = run_cli(run, "chaos.at=hang@13")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference))
+    [inject] = events(run, "chaos_inject")
+    [hang] = events(run, "hang_detected")
+    step_times = [m["step_time"] for m in lines(run / "metrics.jsonl") if m["step"] < 13]
+    median = sorted(step_times)[len(step_times) // 2]
+    latency = hang["time"] - inject["time"]
+    assert latency <= 2 * median + 5.0 + 2.5, latency  # deadline: 2 x median + 5 s grace; poll + stack dump
+    assert hang["step"] == 12 and hang["process_state"] != "T"
+    stacks = Path(hang["stacks"]).read_text()
+    assert "_hang" in stacks and "before_step" in stacks  # where it hung, while it held the GIL
+
+
+def test_exception_and_kill_are_restarted_and_resume_bit_identical(reference, tmp_path):
+    run = tmp_path / "crash"
+    r = run_cli(run, "chaos.at=exception@6,kill@17")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference))
+    assert [e["count"] for e in events(run, "restart")] == [1, 2]
+    assert [e["kind"] for e in events(run, "chaos_inject")] == ["exception", "kill"]  # each fired once
+    g = goodput(run)
+    assert {f["kind"] for f in g.faults if f.get("injected")} == {"exception", "kill"}
+    assert all(f["detected_by"] is not None for f in g.faults if f.get("injected"))
+
+
+def test_corrupted_checkpoint_is_skipped_on_the_restart_after_a_kill(reference, tmp_path):
+    run = tmp_path / "corrupt"
+    r = run_cli(run, "chaos.at=corrupt_checkpoint@12,kill@13")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference))
+    [bad] = events(run, "checkpoint_corrupt")
+    assert bad["path"].endswith("step_00000010")
+    assert events(run, "checkpoint_load")[0]["step"] == 5
+
+
+def test_guard_stop_is_not_retried_by_the_launcher(tmp_path):
+    run = tmp_path / "fatal"
+    r = run_cli(run, "chaos.at=sdc@10,sdc@20")
+    assert r.returncode == 2
+    assert "faulty hardware" in r.stderr
+    assert events(run, "restart") == []  # the launcher's restarts exit at once
+    assert len(events(run, "run_start")) <= 1 + 3
+
+
+# -- two processes (DDP) ----------------------------------------------------------------
+
+
+def test_bit_flip_on_one_replica_is_caught_and_rolled_back(reference_ddp, tmp_path):
+    run = tmp_path / "flip"
+    r = run_cli(run, *DDP, "chaos.at=bitflip@9:1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference_ddp))
+    [mm] = events(run, "replica_mismatch")
+    assert mm["step"] == 10 and mm["ranks"] == [0, 1] and not mm["majority"]  # two replicas: no majority
+    [rb] = events(run, "rollback")
+    assert rb["to_step"] == 5
+
+
+def test_slow_rank_is_flagged(reference_ddp, tmp_path):
+    run = tmp_path / "slow"
+    r = run_cli(run, *DDP, "chaos.at=slow@3:1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference_ddp))
+    flagged = events(run, "straggler")
+    assert flagged and {e["rank"] for e in flagged} == {1}
+    assert flagged[0]["steps"] == [1, 10] and flagged[0]["ratio"] > 1.3
+
+
+def test_nan_on_one_rank_is_agreed_by_all(reference_ddp, tmp_path):
+    run = tmp_path / "nan1"
+    r = run_cli(run, *DDP, "chaos.at=nan@7:1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference_ddp))
+    [nf] = events(run, "nonfinite")
+    assert nf["reporting_rank"] == 1 and nf["action"] == "retry"
+
+
+# -- pieces -------------------------------------------------------------------------------
+
+
+def test_fingerprint_sees_one_flipped_bit():
+    ts = [torch.randn(100), torch.randn(3, 7).bfloat16()]
+    before = fingerprint(ts)
+    ts[1].view(torch.int16).view(-1)[5] ^= 1
+    assert fingerprint(ts) != before
+
+
+def test_odd_ones_out():
+    assert odd_ones_out([7, 7, 7, 7]) == ([], True)
+    assert odd_ones_out([7, 7, 9, 7]) == ([2], True)
+    assert odd_ones_out([7, 9]) == ([0, 1], False)
+
+
+def test_robust_z():
+    z, med, mad = robust_z([1.0, 1.1, 0.9, 1.0, 1.05], 3.0)
+    assert med == 1.0 and mad == pytest.approx(0.05) and z == pytest.approx(2.0 / (1.4826 * 0.05))
+
+
+def test_nonfinite_state_machine():
+    class S:
+        step, grad_norm, verdicts = 5, float("nan"), []
+        losses = {"loss": 1.0}
+
+    g = NonFinite(GuardsConfig(nonfinite_max=2, max_rollbacks=1))
+    seen = []
+    for step in (5, 5, 6, 6):  # retry, skip; retry, skip -> 2 in a row -> rollback
+        S.step, S.verdicts = step, []
+        g.before_update(S)
+        seen.append(S.verdicts[0].action)
+    assert seen == [Action.RETRY, Action.SKIP, Action.RETRY, Action.ROLLBACK]
+
+
+def test_chaos_specs_and_schedule():
+    assert parse_fault("kill@30:1").key == ("kill", 30, 1)
+    for bad in ("kill", "boom@3", "nan@x", "nan@0", "nan@3:r"):
+        with pytest.raises(ValueError):
+            parse_fault(bad)
+    with pytest.raises(ConfigError, match="chaos.at"):
+        load_config(None, ["chaos.at=boom@3"])
+    cfg = ChaosConfig(every=10, seed=3)
+    a, b = schedule(cfg, 2, 300, replicas=False), schedule(cfg, 2, 300, replicas=False)
+    assert a == b and 15 <= len(a) <= 50  # about one per 10 steps, the same every time
+    assert all(f.kind != "bitflip" for f in a)  # undetectable without replicas
+    assert any(f.kind == "bitflip" for f in schedule(cfg, 2, 300, replicas=True))
+
+
+def test_watchdog_kills_a_stopped_process(tmp_path):
+    """SIGSTOP: no stack dump is possible; the watchdog notices and kills."""
+    import json
+    import signal
+
+    beat = tmp_path / "hb.json"
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        beat.write_text(json.dumps({"step": 3, "phase": "step", "time": time.time(), "timeout_s": 1.0,
+                                    "pid": victim.pid}))  # fmt: skip
+        os.kill(victim.pid, signal.SIGSTOP)
+        dog = subprocess.run([sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(beat), "--pid",
+                              str(victim.pid), "--run-dir", str(tmp_path), "--stacks", str(tmp_path / "s.txt"),
+                              "--poll", "0.1"], timeout=30)  # fmt: skip
+        assert dog.returncode == 0
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        [hang] = events(tmp_path, "hang_detected")
+        assert hang["process_state"] == "T" and hang["stacks"] is None and hang["silent_s"] > 1.0
+    finally:
+        if victim.poll() is None:
+            victim.kill()
