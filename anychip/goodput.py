@@ -15,8 +15,9 @@ event, not already taken by an earlier injection, that answers its kind at or af
     nan: nonfinite           bitflip: replica_mismatch               slow: straggler
     sdc: audit_mismatch      corrupt_checkpoint: checkpoint_corrupt  bad_batch: spike
     checkpoint_write: checkpoint_failed
-An injection with none is undetected. Each detection event left over (faulty_hardware included)
-is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
+An injection with none is undetected. One hang is one fault: further hang_detected events of
+the same start (other ranks' watchdogs) and the crash_detected its kill causes at the next
+start are not counted. Each detection event left over (faulty_hardware included) is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
 "error", the others as they are; its step is the event's step (or last_step).
 
     latency      detection time - injection time; None when undetected or not injected
@@ -100,7 +101,9 @@ def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
         return None if back is None else max(back - start - step_time, 0.0)
 
     # run_end is a detection only with status "error"; no other detection event has a status
-    detections = [e for e in events if e["event"] in DETECTIONS and e.get("status", "error") == "error"]
+    detections = _drop_consequences(
+        [e for e in events if e["event"] in DETECTIONS and e.get("status", "error") == "error"], events
+    )
     matched: set[int] = set()
     out = []
     for inj in (e for e in events if e["event"] == "chaos_inject"):
@@ -123,6 +126,28 @@ def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
                 "latency_s": None, "lost_s": lost(d["time"], d["time"], step),
             })  # fmt: skip
     return sorted(out, key=lambda f: f["time"])
+
+
+def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]:
+    """One hang is one fault: the watchdogs of the ranks waiting for the hung one fire too
+    (same start of the job), and the next start records the killed worker as a crash."""
+    starts = sorted(e["time"] for e in events if e["event"] == "run_start")
+
+    def attempt(t: float) -> int:
+        return sum(s <= t for s in starts)
+
+    hung = set()
+    out = []
+    for d in detections:
+        a = attempt(d["time"])
+        if d["event"] == "hang_detected":
+            if a in hung:
+                continue
+            hung.add(a)
+        if d["event"] == "crash_detected" and a - 1 in hung:
+            continue
+        out.append(d)
+    return out
 
 
 def summarize_faults(found: list[dict]) -> dict[str, dict]:

@@ -40,7 +40,13 @@ def init_world(device: Device, timeout_s: float = 600.0) -> World:
     if world_size == 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group(backend=device.dist_backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # the launcher's store outlives a restart of the workers: keys of the previous attempt
+        # (e.g. a dead rank's address) must not be read by the next one
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"anychip/attempt_{attempt}/", store)
+        dist.init_process_group(device.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))

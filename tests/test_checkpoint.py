@@ -168,7 +168,7 @@ def test_failing_writes_keep_earlier_checkpoints_and_training_goes_on(tmp_path, 
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 1:
+        if len(calls) > 2:  # the saves of steps 0 and 4 work, the later ones fail
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
@@ -179,7 +179,7 @@ def test_failing_writes_keep_earlier_checkpoints_and_training_goes_on(tmp_path, 
     failed = [e for e in events if e["event"] == "checkpoint_failed"]
     assert [e["step"] for e in failed] == [8, 12, 16] and "No space left" in failed[0]["error"]
     kept = committed(tmp_path / "full" / "checkpoints")
-    assert [d.name for d in kept] == ["step_00000004"] and verify(kept[0]) is None
+    assert [d.name for d in kept] == ["step_00000004", "step_00000000"] and verify(kept[0]) is None
     assert not [p for p in (tmp_path / "full" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 

@@ -138,7 +138,9 @@ def test_plain_torchrun_runs_the_same_worker(one_process, tmp_path):
     assert events(tmp_path / "tr")[0]["world_size"] == 2
 
 
-def test_nonfinite_gradient_stops_before_the_update(tmp_path):
+def test_nonfinite_gradient_stops_before_the_update_when_unguarded(tmp_path):
+    """With guards.nonfinite off the loop still never applies a non-finite update (the
+    guarded behaviour, retry/skip/rollback, is in test_guards.py)."""
     hooks = Hooks()
     snapshot = {}
 
@@ -148,7 +150,7 @@ def test_nonfinite_gradient_stops_before_the_update(tmp_path):
             next(state.model.parameters()).grad[0, 0] = float("nan")
 
     hooks.add("after_backward", poison)
-    cfg = load_config(None, [*FAST, "checkpoint.interval=1", "eval.n=0"])
+    cfg = load_config(None, [*FAST, "checkpoint.interval=1", "eval.n=0", "guards.nonfinite=false"])
     with pytest.raises(FloatingPointError, match="step 3"):
         train(cfg, tmp_path / "nan", hooks)
     from anychip.checkpoint import committed

@@ -26,10 +26,12 @@ class Straggler:
         self.step_times: list[float] = []
 
     def after_step(self, state) -> None:
-        if state.agreement is None:
-            return
-        self.lateness.append(state.agreement.lateness)
-        self.step_times.append(state.metrics["step_time"])
+        if state.agreement is not None:
+            self.lateness.append(state.agreement.lateness)
+            self.step_times.append(state.metrics["step_time"])
+
+    def before_update(self, state) -> None:
+        """Every ``interval`` steps: judge the steps measured since the last verdict."""
         if state.step % self.interval or len(self.lateness) < 2:
             return
         n = len(self.lateness[0])
@@ -38,14 +40,14 @@ class Straggler:
         own = [step_time - (max(late) - x) for x in late]  # each rank's time without its waiting
         med = statistics.median(own)
         ratio = max(own) / med if med > 0 else 1.0
-        state.metrics["straggler_ratio"] = ratio
-        first = state.step - len(self.lateness) + 1
+        state.extra_metrics["straggler_ratio"] = ratio
+        first, last = state.step - len(self.lateness), state.step - 1
         for r, t in enumerate(own):
             if med > 0 and t > self.factor * med:
                 state.log.event("straggler", step=state.step, rank=r, ratio=t / med, lateness_s=late[r],
-                                step_time_s=step_time, steps=[first, state.step])  # fmt: skip
+                                step_time_s=step_time, steps=[first, last])  # fmt: skip
                 state.log.print(f"[yellow]rank {r} is a straggler: {t / med:.2f}x the median rank over steps "
-                                f"{first}-{state.step} ({late[r] * 1e3:.0f} ms late per step)[/yellow]")  # fmt: skip
+                                f"{first}-{last} ({late[r] * 1e3:.0f} ms late per step)[/yellow]")  # fmt: skip
         self.lateness.clear()
         self.step_times.clear()
 

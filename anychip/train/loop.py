@@ -96,6 +96,7 @@ class TrainState:
     guarded: bool = False  # guards installed: verdicts are agreed over ranks every step
     heartbeat: object = None  # the hang watchdog's heartbeat writer (anychip.guards.heartbeat)
     metrics: dict = field(default_factory=dict)
+    extra_metrics: dict = field(default_factory=dict)  # guards' figures for the step in progress
     eval: EvalResult | None = None
 
 
@@ -294,11 +295,13 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             "mfu": flops_per_token * tokens_per_step / dt / (peak * world.world_size) if peak else None,
             "expert_imbalance": _imbalance(loads),
             "memory_peak_gb": device.memory_stats()["peak_allocated"] / 2**30,
+            **state.extra_metrics,  # from guards, for this step
         }
+        state.extra_metrics = {}
+        log.metrics(step, state.metrics)
         if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
             state.checkpointer.save(step)
-        hooks("after_step", state)  # guards may add metrics
-        log.metrics(step, state.metrics)
+        hooks("after_step", state)
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
             m = state.metrics
