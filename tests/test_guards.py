@@ -2,6 +2,7 @@
 completes by itself and, after transient faults, ends bit-identical to the fault-free run."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,15 @@ def run_cli(run_dir: Path, *sets: str, timeout: float = 400) -> subprocess.Compl
     args = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
     for s in (*RUN, "parallel.max_restarts=3", *sets):
         args += ["--set", s]
-    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
 def weights(run_dir: Path) -> dict:
@@ -335,7 +344,6 @@ def test_chaos_specs_and_schedule():
 def test_watchdog_kills_a_stopped_process(tmp_path):
     """SIGSTOP: no stack dump is possible; the watchdog notices and kills."""
     import json
-    import signal
 
     beat = tmp_path / "hb.json"
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
