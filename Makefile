@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: setup
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/guards.py
+
+soak: setup
+	$(BIN)/python bench/chaos_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
