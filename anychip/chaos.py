@@ -178,6 +178,7 @@ class Chaos:
 
     @torch.no_grad()
     def _flip(self, state) -> None:
+        state.checkpointer.wait_staged()  # a memory fault after the checkpoint copied the weights
         rng = random.Random(f"{self.cfg.seed}:flip:{state.step}")
         params = [p for p in state.model.parameters() if p.dtype == torch.float32]
         p = params[rng.randrange(len(params))]

@@ -228,9 +228,10 @@ class Checkpointer:
         except Exception as e:  # a failing write must not end the run
             self._failed(step, e)
             return
-        if fresh:
-            self.wait_staged()
-            self.state.optimizer.state.clear()
+        finally:
+            if fresh:
+                self.wait_staged()
+                self.state.optimizer.state.clear()
         done = threading.Event()
         self._pending = (future, done, step)
         if self.state.cfg.checkpoint.async_save:
@@ -377,7 +378,7 @@ def _nonfinite(model, optimizer) -> str | None:
     for name, t in tensors:
         local = t.to_local() if hasattr(t, "to_local") else t
         # a cheap sum first; the element-wise test only when the sum is not finite
-        if local.numel() and not torch.isfinite(local.sum(dtype=torch.float64)) and not torch.isfinite(local).all():
+        if local.numel() and not torch.isfinite(local.sum(dtype=torch.float32)) and not torch.isfinite(local).all():
             return name
     return None
 

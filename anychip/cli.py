@@ -16,8 +16,10 @@ def _train(a: argparse.Namespace) -> int:
     sets = list(a.sets)
     if a.nproc is not None:
         sets.append(f"parallel.nproc={a.nproc}")
-    for spec in a.chaos:  # shorthand: every=N, or kind@step[:rank],...
-        sets.append(f"chaos.{spec}" if spec.startswith("every=") else f"chaos.at={spec}")
+    faults = [spec for spec in a.chaos if not spec.startswith("every=")]  # shorthand: kind@step[:rank],...
+    sets += [f"chaos.{spec}" for spec in a.chaos if spec.startswith("every=")]  # ... or every=N
+    if faults:
+        sets.append(f"chaos.at={','.join(faults)}")
     config = a.config
     if a.resume is not None:  # continue a stopped run: its own config, plus any --set changes
         if a.config or a.run_dir:

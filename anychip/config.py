@@ -99,7 +99,7 @@ class GuardsConfig:
     spike_min_history: int = 20  # no spike is called before this many steps of history
     spike_threshold: float = 8.0  # robust z-score (x - median) / (1.4826 MAD) of the loss that is a spike
     spike_min_rise: float = 0.25  # ... and the loss must also exceed the median by this fraction
-    spike_grad_threshold: float = 12.0  # the same for the gradient norm (0 = loss only)
+    spike_grad_threshold: float = 0.0  # the same for the gradient norm; 0 = off (loss only)
     spike_grad_min_rise: float = 2.0
     max_rollbacks: int = 3  # rollbacks for the same fault in a row before the run stops with an error
     watchdog: bool = True  # hang watchdog: a process beside each worker that kills it when it stops beating

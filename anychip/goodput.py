@@ -11,13 +11,14 @@ The four parts add up to the wall time by construction; goodput = productive / w
 
 Faults. Each `chaos_inject` event is a fault injected on purpose. Its detection is the first
 event, not already taken by an earlier injection, that answers its kind at or after it:
-    kill: crash_detected     exception: run_end (status "error")     hang: hang_detected
+    kill, exception: crash_detected or run_end (status "error": rank 0 sees a failed collective
+                     when another rank dies)                         hang: hang_detected
     nan: nonfinite           bitflip: replica_mismatch               slow: straggler
     sdc: audit_mismatch      corrupt_checkpoint: checkpoint_corrupt  bad_batch: spike
     checkpoint_write: checkpoint_failed
 An injection with none is undetected. One hang is one fault: further hang_detected events of
 the same start (other ranks' watchdogs) and the crash_detected its kill causes at the next
-start are not counted. Each detection event left over (faulty_hardware included) is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
+start are not counted; nor is the run_end of a run a guard stopped (the guard's event counts). Each detection event left over (faulty_hardware included) is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
 "error", the others as they are; its step is the event's step (or last_step).
 
     latency      detection time - injection time; None when undetected or not injected
@@ -35,10 +36,12 @@ from statistics import median
 
 from .train.runlog import read_jsonl
 
-DETECTED_BY = {"kill": "crash_detected", "exception": "run_end", "hang": "hang_detected", "nan": "nonfinite",
-               "bitflip": "replica_mismatch", "slow": "straggler", "corrupt_checkpoint": "checkpoint_corrupt",
-               "checkpoint_write": "checkpoint_failed", "bad_batch": "spike", "sdc": "audit_mismatch"}  # fmt: skip
-DETECTIONS = {*DETECTED_BY.values(), "faulty_hardware"}
+# a worker that dies on a rank other than 0 is seen by rank 0 as a failed collective: run_end "error"
+DETECTED_BY = {"kill": ("crash_detected", "run_end"), "exception": ("run_end", "crash_detected"),
+               "hang": ("hang_detected",), "nan": ("nonfinite",), "bitflip": ("replica_mismatch",),
+               "slow": ("straggler",), "corrupt_checkpoint": ("checkpoint_corrupt",),
+               "checkpoint_write": ("checkpoint_failed",), "bad_batch": ("spike",), "sdc": ("audit_mismatch",)}  # fmt: skip
+DETECTIONS = {*(e for kinds in DETECTED_BY.values() for e in kinds), "faulty_hardware"}
 REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error"}
 
 
@@ -108,7 +111,7 @@ def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
     out = []
     for inj in (e for e in events if e["event"] == "chaos_inject"):
         i = next((i for i, d in enumerate(detections) if i not in matched and d["time"] >= inj["time"]
-                  and d["event"] == DETECTED_BY.get(inj["kind"])), None)  # fmt: skip
+                  and d["event"] in DETECTED_BY.get(inj["kind"], ())), None)  # fmt: skip
         fault = {"kind": inj["kind"], "injected": True, "step": inj.get("step"), "rank": inj.get("rank"),
                  "time": inj["time"], "detected_by": None, "detected_at": None, "latency_s": None, "lost_s": None}  # fmt: skip
         if i is not None:
@@ -146,6 +149,8 @@ def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]
             hung.add(a)
         if d["event"] == "crash_detected" and a - 1 in hung:
             continue
+        if d["event"] == "run_end" and d.get("error", "").startswith("GuardStop"):
+            continue  # the guard's own event is the detection
         out.append(d)
     return out
 

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir = a.run_dir or default_run_dir()
         fatal = run_dir / FATAL
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) and fatal.is_file():
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt == 0 and int(os.environ.get("RANK", "0")) == 0:
+            fatal.unlink(missing_ok=True)  # a new launch tries again
+        if attempt and fatal.is_file():
             # an earlier attempt stopped for a reason that a restart cannot fix: do not retry it
             print(f"anychip: not retried: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
             return 2

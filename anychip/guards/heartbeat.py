@@ -5,7 +5,8 @@ it promises to beat again within) and starts ``python -m anychip.guards.watchdog
 beside itself. A watchdog thread inside the worker would not do: a worker stuck in a
 native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
 ``watchdog_factor`` x the median step time + ``watchdog_grace_s``; around start-up,
-checkpoint steps, rollbacks and the final evaluation, ``watchdog_startup_s``.
+checkpoint steps and rollbacks, ``watchdog_startup_s``; the final export and evaluation are
+not watched (their length depends on the evaluation set, not on the step time).
 
 On SIGUSR1 the worker's Python stacks are written to ``RUN_DIR/stacks/rank<r>-<pid>.txt``
 by faulthandler, which works while another thread holds the GIL.
@@ -43,7 +44,11 @@ class Heartbeat:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
-    def beat(self, step: int, phase: str, timeout_s: float) -> None:
+    def unwatched(self, phase: str) -> None:
+        """From here on, no deadline (e.g. the final export and evaluation, of any length)."""
+        self.beat(-1, phase, None)
+
+    def beat(self, step: int, phase: str, timeout_s: float | None) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time(), "timeout_s": timeout_s,
                                    "pid": os.getpid()}))  # fmt: skip

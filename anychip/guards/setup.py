@@ -24,7 +24,7 @@ def install(state, hooks) -> None:
     if g.straggler_interval and world.distributed:
         guards.append(Straggler(g))
     for guard in guards:
-        for point in ("before_step", "before_update", "after_step", "after_rollback"):
+        for point in ("on_start", "before_step", "before_update", "after_step", "after_rollback"):
             fn = getattr(guard, point, None)
             if fn is not None:
                 hooks.add(point, fn)

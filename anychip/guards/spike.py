@@ -14,6 +14,7 @@ import math
 import statistics
 from collections import deque
 
+from ..events import read_jsonl
 from .base import Action, Verdict
 
 
@@ -64,6 +65,12 @@ class Spike:
         self.history.append((state.step, state.losses["loss"], state.grad_norm))
         if state.step > self.fault_step:
             self.rollbacks = 0
+
+    def on_start(self, state) -> None:
+        """A resumed run starts with the history of the steps it resumes after (metrics.jsonl)."""
+        last = {m["step"]: m for m in read_jsonl(state.run_dir / "metrics.jsonl") if m["step"] <= state.step}
+        for step in sorted(last)[-self.cfg.spike_window :]:
+            self.history.append((step, last[step]["loss"], last[step]["grad_norm"]))
 
     def after_rollback(self, state) -> None:
         kept = [h for h in self.history if h[0] <= state.step]

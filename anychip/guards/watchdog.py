@@ -53,7 +53,7 @@ def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, pol
         if state in (None, "Z", "X"):
             return False
         beat = read_beat(heartbeat)
-        if beat is not None and beat.get("pid") == pid:
+        if beat is not None and beat.get("pid") == pid and beat.get("timeout_s") is not None:
             silent = time.time() - beat["time"]
             if silent > beat["timeout_s"]:
                 _kill(beat, pid, state, run_dir, rank, stacks, silent)

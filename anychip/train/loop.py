@@ -162,13 +162,13 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         _run(state, hooks)
         return state
     except BaseException as e:
+        hooks.close()  # the watchdog first: the wait below is not a hang
         if state is not None and state.checkpointer is not None:
             state.checkpointer.wait(barrier=False)  # a good checkpoint in flight still commits
         log.event("run_end", status="error", error=f"{type(e).__name__}: {e}")
         raise
     finally:
-        if state is not None:
-            hooks.close()
+        hooks.close()
         log.close()
         close_world(world)
 
@@ -311,6 +311,8 @@ def _run(state: TrainState, hooks: Hooks) -> None:
                 f"grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
                 f"experts max/mean {m['expert_imbalance']:.2f}"
             )
+    if state.heartbeat is not None:
+        state.heartbeat.unwatched("finish")  # final commit, export and evaluation are not step-timed
     state.checkpointer.wait()
     train_time = time.perf_counter() - t_start
     _finish(state, train_time)
@@ -336,6 +338,9 @@ def _carry_out(state: TrainState, agreed: Agreement, hooks: Hooks) -> None:
     if agreed.action == Action.SKIP:
         log.event("update_skipped", step=step, batch=state.data.stats["batches"], reason=reason)
         state.batch = None  # the step counts; its batch is dropped
+        interval = state.cfg.checkpoint.interval
+        if interval and (step % interval == 0 or step == state.cfg.train.steps):
+            state.checkpointer.save(step)  # a skipped step still gets its checkpoint
         return
     if agreed.action == Action.STOP:
         raise GuardStop(f"step {step}: {reason}")
