@@ -53,6 +53,13 @@ def run_cli(run_dir: Path, *sets: str, timeout: float = 400) -> subprocess.Compl
     return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
+def recovers_bit_identical(run: Path, reference: Path, *sets: str) -> None:
+    """``anychip train`` with these settings completes by itself with the reference's weights."""
+    r = run_cli(run, *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical(weights(run), weights(reference))
+
+
 def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "model.safetensors")
 
@@ -214,9 +221,7 @@ def test_guards_off_run_the_plain_loop(reference, tmp_path):
 
 def test_hang_is_detected_fast_with_stacks_and_the_run_resumes(reference, tmp_path):
     run = tmp_path / "hang"
-    r = run_cli(run, "chaos.at=hang@13")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference))
+    recovers_bit_identical(run, reference, "chaos.at=hang@13")
     [inject] = events(run, "chaos_inject")
     [hang] = events(run, "hang_detected")
     step_times = [m["step_time"] for m in lines(run / "metrics.jsonl") if m["step"] < 13]
@@ -230,9 +235,7 @@ def test_hang_is_detected_fast_with_stacks_and_the_run_resumes(reference, tmp_pa
 
 def test_exception_and_kill_are_restarted_and_resume_bit_identical(reference, tmp_path):
     run = tmp_path / "crash"
-    r = run_cli(run, "chaos.at=exception@6,kill@17")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference))
+    recovers_bit_identical(run, reference, "chaos.at=exception@6,kill@17")
     assert [e["count"] for e in events(run, "restart")] == [1, 2]
     assert [e["kind"] for e in events(run, "chaos_inject")] == ["exception", "kill"]  # each fired once
     g = goodput(run)
@@ -242,9 +245,7 @@ def test_exception_and_kill_are_restarted_and_resume_bit_identical(reference, tm
 
 def test_corrupted_checkpoint_is_skipped_on_the_restart_after_a_kill(reference, tmp_path):
     run = tmp_path / "corrupt"
-    r = run_cli(run, "chaos.at=corrupt_checkpoint@12,kill@13")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference))
+    recovers_bit_identical(run, reference, "chaos.at=corrupt_checkpoint@12,kill@13")
     [bad] = events(run, "checkpoint_corrupt")
     assert bad["path"].endswith("step_00000010")
     assert events(run, "checkpoint_load")[0]["step"] == 5
@@ -264,9 +265,7 @@ def test_guard_stop_is_not_retried_by_the_launcher(tmp_path):
 
 def test_bit_flip_on_one_replica_is_caught_and_rolled_back(reference_ddp, tmp_path):
     run = tmp_path / "flip"
-    r = run_cli(run, *DDP, "chaos.at=bitflip@9:1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference_ddp))
+    recovers_bit_identical(run, reference_ddp, *DDP, "chaos.at=bitflip@9:1")
     [mm] = events(run, "replica_mismatch")
     assert mm["step"] == 10 and mm["ranks"] == [0, 1] and not mm["majority"]  # two replicas: no majority
     [rb] = events(run, "rollback")
@@ -275,9 +274,7 @@ def test_bit_flip_on_one_replica_is_caught_and_rolled_back(reference_ddp, tmp_pa
 
 def test_slow_rank_is_flagged(reference_ddp, tmp_path):
     run = tmp_path / "slow"
-    r = run_cli(run, *DDP, "chaos.at=slow@3:1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference_ddp))
+    recovers_bit_identical(run, reference_ddp, *DDP, "chaos.at=slow@3:1")
     flagged = events(run, "straggler")
     assert flagged and {e["rank"] for e in flagged} == {1}
     assert flagged[0]["steps"] == [1, 9] and flagged[0]["ratio"] > 1.3
@@ -285,9 +282,7 @@ def test_slow_rank_is_flagged(reference_ddp, tmp_path):
 
 def test_nan_on_one_rank_is_agreed_by_all(reference_ddp, tmp_path):
     run = tmp_path / "nan1"
-    r = run_cli(run, *DDP, "chaos.at=nan@7:1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical(weights(run), weights(reference_ddp))
+    recovers_bit_identical(run, reference_ddp, *DDP, "chaos.at=nan@7:1")
     [nf] = events(run, "nonfinite")
     assert nf["reporting_rank"] == 1 and nf["action"] == "retry"
 

@@ -51,6 +51,8 @@ def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, pol
     while True:
         state = process_state(pid)
         if state in (None, "Z", "X"):
+            if stacks.is_file() and stacks.stat().st_size == 0:
+                stacks.unlink(missing_ok=True)  # a worker that died some other way: no stacks were taken
             return False
         beat = read_beat(heartbeat)
         if beat is not None and beat.get("pid") == pid and beat.get("timeout_s") is not None:
