@@ -147,8 +147,8 @@ def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]
             if a in hung:
                 continue
             hung.add(a)
-        if d["event"] == "crash_detected" and a - 1 in hung:
-            continue
+        if d["event"] == "crash_detected" and (a in hung or a - 1 in hung):
+            continue  # logged by the next start, just before (or after) its run_start
         if d["event"] == "run_end" and d.get("error", "").startswith("GuardStop"):
             continue  # the guard's own event is the detection
         out.append(d)

@@ -127,3 +127,20 @@ def test_json_output_holds_the_faults(run, capsys):
     assert [f["kind"] for f in out["faults"]] == ["nan", "bitflip", "hang"]
     assert out["fault_summary"]["bitflip"]["detected"] == 0
     assert out["goodput"] == pytest.approx(6.0 / 23.0)
+
+
+def test_one_hang_is_one_fault(tmp_path):
+    """Both ranks' watchdogs fire on one hang, and the next start records the killed worker
+    as a crash (just before its run_start): one fault, matched to the injection."""
+    events = [
+        ev(90.0, "run_start"),
+        ev(100.0, "chaos_inject", kind="hang", step=5, rank=1),
+        ev(106.0, "hang_detected", rank=0, pid=1, step=4, silent_s=6.0, timeout_s=6.0),
+        ev(106.1, "hang_detected", rank=1, pid=2, step=4, silent_s=6.1, timeout_s=6.0),
+        ev(110.0, "crash_detected", last_step=4, last_record=106.1),
+        ev(110.0, "run_start"),
+        ev(120.0, "run_end", status="ok"),
+    ]
+    g = goodput(write_run(tmp_path / "run", events, steps(1, 4, 98.0) + steps(3, 8, 112.0)))
+    assert [(f["kind"], f["injected"], f["detected_by"]) for f in g.faults] == [("hang", True, "hang_detected")]
+    assert g.faults[0]["latency_s"] == pytest.approx(6.0)
