@@ -34,5 +34,5 @@ def install(state, hooks) -> None:
             hooks.add(point, getattr(beat, point))
         hooks.add_closer(beat.close)
         state.heartbeat = beat
-    state.guarded = bool(guards) or world.distributed and g.straggler_interval > 0
+    state.guarded = bool(guards)  # verdicts to agree on; the watchdog alone needs no agreement
     state.log.event("guards", installed=[type(x).__name__ for x in guards] + (["Watchdog"] if g.watchdog else []))
