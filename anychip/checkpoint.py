@@ -55,6 +55,13 @@ TMP = ".tmp"
 SHAPE_FREE = {"mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed", "initializer_range", "hf_extra"}
 
 
+def checkpoint_due(cfg, step: int) -> bool:
+    """Whether the run saves a checkpoint after ``step``: every ``checkpoint.interval`` steps
+    and at the last step (never with interval 0)."""
+    interval = cfg.checkpoint.interval
+    return bool(interval) and (step % interval == 0 or step == cfg.train.steps)
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 

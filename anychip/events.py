@@ -10,10 +10,15 @@ import time
 from pathlib import Path
 
 
+def event_line(name: str, /, **fields) -> str:
+    """One events.jsonl record: time, event name, fields."""
+    return json.dumps({"time": time.time(), "event": name, **fields}) + "\n"
+
+
 def append_event(run_dir: Path, name: str, /, **fields) -> None:
     """Append one event to ``run_dir/events.jsonl`` from any process (a rank other than 0,
     the hang watchdog): one O_APPEND write of one line, fsynced."""
-    line = (json.dumps({"time": time.time(), "event": name, **fields}) + "\n").encode()
+    line = event_line(name, **fields).encode()
     fd = os.open(Path(run_dir) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)

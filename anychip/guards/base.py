@@ -31,6 +31,27 @@ class Verdict:
     detail: dict = field(default_factory=dict)
 
 
+class RollbackBudget:
+    """``max_rollbacks`` rollbacks for faults the run has not yet got past; the budget is
+    refilled once a step beyond the latest fault completes."""
+
+    def __init__(self, max_rollbacks: int):
+        self.max = max_rollbacks
+        self.used = 0
+        self.fault_step = 0
+
+    def spend(self, step: int) -> Action:
+        """ROLLBACK for a fault at ``step``, or STOP once the budget is spent."""
+        self.used += 1
+        self.fault_step = max(self.fault_step, step)
+        return Action.ROLLBACK if self.used <= self.max else Action.STOP
+
+    def progress(self, step: int) -> None:
+        """Call after every completed step."""
+        if step > self.fault_step:
+            self.used = 0
+
+
 class GuardStop(RuntimeError):
     """A guard ended the run: a restart cannot fix what it found (not retried by the launcher)."""
 

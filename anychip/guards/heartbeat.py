@@ -25,10 +25,12 @@ import time
 from collections import deque
 from pathlib import Path
 
+from ..checkpoint import checkpoint_due
+
 
 class Heartbeat:
     def __init__(self, run_dir: Path, rank: int, guards_cfg, cfg):
-        self.cfg, self.train, self.ckpt = guards_cfg, cfg.train, cfg.checkpoint
+        self.cfg, self.run_cfg = guards_cfg, cfg
         self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stacks = Path(run_dir) / "stacks" / f"rank{rank}-{os.getpid()}.txt"
@@ -55,10 +57,8 @@ class Heartbeat:
         os.replace(tmp, self.path)
 
     def _step_timeout(self, next_step: int) -> float:
-        t = self.train
-        checkpointing = self.ckpt.interval and (next_step % self.ckpt.interval == 0 or next_step == t.steps)
-        if len(self.step_times) < 3 or checkpointing or next_step > t.steps:
-            return self.cfg.watchdog_startup_s  # no step timing yet, a save, or the final evaluation
+        if len(self.step_times) < 3 or checkpoint_due(self.run_cfg, next_step):
+            return self.cfg.watchdog_startup_s  # no step timing yet, or a save (the finish is unwatched)
         return self.cfg.watchdog_factor * statistics.median(self.step_times) + self.cfg.watchdog_grace_s
 
     # -- hooks -----------------------------------------------------------------------

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import math
 
-from .base import Action, Verdict
+from .base import Action, RollbackBudget, Verdict
 
 
 class NonFinite:
     def __init__(self, cfg):
         self.max_in_row = cfg.nonfinite_max
-        self.max_rollbacks = cfg.max_rollbacks
         self.retried: int | None = None  # step already retried once
         self.in_row = 0
-        self.rollbacks = 0
-        self.fault_step = 0
+        self.budget = RollbackBudget(cfg.max_rollbacks)
 
     def before_update(self, state) -> None:
         loss, norm = state.losses["loss"], state.grad_norm
@@ -32,20 +30,18 @@ class NonFinite:
             self.in_row += 1
             action = Action.SKIP
             if self.in_row >= self.max_in_row:
-                self.in_row, self.fault_step = 0, max(self.fault_step, step)
-                self.rollbacks += 1
-                action = Action.ROLLBACK if self.rollbacks <= self.max_rollbacks else Action.STOP
+                self.in_row = 0
+                action = self.budget.spend(step)
         reason = f"non-finite loss {loss} / gradient norm {norm}"
         if action == Action.STOP:
-            reason += f" after {self.max_rollbacks} rollbacks"
+            reason += f" after {self.budget.max} rollbacks"
         state.verdicts.append(Verdict(action, "nonfinite", reason, before=step, event="nonfinite",
                                       detail={"loss": str(loss), "grad_norm": str(norm)}))  # fmt: skip
 
     def after_step(self, state) -> None:
         self.retried = None
         self.in_row = 0
-        if state.step > self.fault_step:
-            self.rollbacks = 0
+        self.budget.progress(state.step)
 
     def after_rollback(self, state) -> None:
         self.retried = None

@@ -20,8 +20,9 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import checkpoint_due
 from ..parallel import unwrap
-from .base import Action, Verdict
+from .base import Action, RollbackBudget, Verdict
 
 
 @torch.no_grad()
@@ -48,17 +49,13 @@ def odd_ones_out(prints: list[int]) -> tuple[list[int], bool]:
 
 
 class ReplicaCheck:
-    def __init__(self, cfg, checkpoint_interval: int):
+    def __init__(self, cfg):
         self.interval = cfg.replica_check_interval
-        self.checkpoint_interval = checkpoint_interval
-        self.max_rollbacks = cfg.max_rollbacks
-        self.rollbacks = 0
-        self.fault_step = 0
+        self.budget = RollbackBudget(cfg.max_rollbacks)
 
     def before_update(self, state) -> None:
-        step, last = state.step, state.cfg.train.steps
-        saving = self.checkpoint_interval and (step % self.checkpoint_interval == 0 or step == last)
-        if step % self.interval and not saving:
+        step = state.step
+        if step % self.interval and not checkpoint_due(state.cfg, step):
             return
         mine = torch.tensor([fingerprint(state.model.parameters())], dtype=torch.int64)
         everyone = [torch.zeros_like(mine) for _ in range(state.world.world_size)]
@@ -67,17 +64,14 @@ class ReplicaCheck:
         if len(set(prints)) == 1:
             return
         suspects, majority = odd_ones_out(prints)
-        self.rollbacks += 1
-        self.fault_step = max(self.fault_step, step)
-        action = Action.ROLLBACK if self.rollbacks <= self.max_rollbacks else Action.STOP
+        action = self.budget.spend(step)
         who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
         state.verdicts.append(Verdict(action, "replica_check", f"parameters differ between replicas: {who}",
                                       event="replica_mismatch", detail={"ranks": suspects, "majority": majority,
                                       "fingerprints": [str(f) for f in prints]}))  # fmt: skip
 
     def after_step(self, state) -> None:
-        if state.step > self.fault_step:
-            self.rollbacks = 0
+        self.budget.progress(state.step)
 
 
 class RecomputeAudit:

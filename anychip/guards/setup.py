@@ -18,7 +18,7 @@ def install(state, hooks) -> None:
         guards.append(Spike(g))
     replicas = world.distributed and state.cfg.parallel.strategy == "ddp"
     if g.replica_check_interval and replicas:  # FSDP keeps one copy of each shard: nothing to compare
-        guards.append(ReplicaCheck(g, state.cfg.checkpoint.interval))
+        guards.append(ReplicaCheck(g))
     if g.audit_interval:
         guards.append(RecomputeAudit(g, state.device))
     if g.straggler_interval and world.distributed:

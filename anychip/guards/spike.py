@@ -15,7 +15,7 @@ import statistics
 from collections import deque
 
 from ..events import read_jsonl
-from .base import Action, Verdict
+from .base import Action, RollbackBudget, Verdict
 
 
 def robust_z(history, x: float) -> tuple[float, float, float]:
@@ -31,8 +31,7 @@ class Spike:
     def __init__(self, cfg):
         self.cfg = cfg
         self.history: deque[tuple[int, float, float]] = deque(maxlen=cfg.spike_window)  # (step, loss, grad norm)
-        self.rollbacks = 0
-        self.fault_step = 0
+        self.budget = RollbackBudget(cfg.max_rollbacks)
 
     def _check(self, name: str, col: int, x: float, threshold: float, min_rise: float):
         if threshold <= 0 or len(self.history) < self.cfg.spike_min_history:
@@ -52,19 +51,16 @@ class Spike:
         )
         if found is None:
             return
-        self.rollbacks += 1
-        self.fault_step = max(self.fault_step, state.step)
-        stop = self.rollbacks > g.max_rollbacks
+        action = self.budget.spend(state.step)
         reason = f"{found['metric']} spike {found['value']:.4g} (median {found['median']:.4g}, z {found['z']:.1f})"
-        if stop:
+        if action == Action.STOP:
             reason += f"; {g.max_rollbacks} rollbacks did not get past it"
-        state.verdicts.append(Verdict(Action.STOP if stop else Action.ROLLBACK, "spike", reason, before=state.step,
+        state.verdicts.append(Verdict(action, "spike", reason, before=state.step,
                                       skip_data=True, event="spike", detail=found))  # fmt: skip
 
     def after_step(self, state) -> None:
         self.history.append((state.step, state.losses["loss"], state.grad_norm))
-        if state.step > self.fault_step:
-            self.rollbacks = 0
+        self.budget.progress(state.step)
 
     def on_start(self, state) -> None:
         """A resumed run starts with the history of the steps it resumes after (metrics.jsonl)."""

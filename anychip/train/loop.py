@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..chaos import install as install_chaos
-from ..checkpoint import Checkpointer
+from ..checkpoint import Checkpointer, checkpoint_due
 from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
@@ -299,7 +299,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         }
         state.extra_metrics = {}
         log.metrics(step, state.metrics)
-        if cfg.checkpoint.interval and (step % cfg.checkpoint.interval == 0 or step == cfg.train.steps):
+        if checkpoint_due(cfg, step):
             state.checkpointer.save(step)
         hooks("after_step", state)
         log.advance(step, f"loss {losses['loss']:.3f}")
@@ -338,8 +338,7 @@ def _carry_out(state: TrainState, agreed: Agreement, hooks: Hooks) -> None:
     if agreed.action == Action.SKIP:
         log.event("update_skipped", step=step, batch=state.data.stats["batches"], reason=reason)
         state.batch = None  # the step counts; its batch is dropped
-        interval = state.cfg.checkpoint.interval
-        if interval and (step % interval == 0 or step == state.cfg.train.steps):
+        if checkpoint_due(state.cfg, step):
             state.checkpointer.save(step)  # a skipped step still gets its checkpoint
         return
     if agreed.action == Action.STOP:

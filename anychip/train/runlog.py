@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..events import append_event, read_jsonl  # noqa: F401  (re-exported)
+from ..events import append_event, event_line, read_jsonl  # noqa: F401  (append_event, read_jsonl re-exported)
 
 
 class RunLog:
@@ -52,7 +52,7 @@ class RunLog:
         if not self.active:
             return
         with self._lock:
-            self._events.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")
+            self._events.write(event_line(kind, **fields))
             self._events.flush()
             os.fsync(self._events.fileno())
 
