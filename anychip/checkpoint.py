@@ -148,7 +148,11 @@ class Checkpointer:
 
     def _app_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.state.model, self.state.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        app = {"model": model_sd, "optim": optim_sd}
+        ref = getattr(self.state, "ref_model", None)
+        if ref is not None:  # GRPO's reference policy: reset to the policy during the run
+            app["ref"] = ref.state_dict()
+        return app
 
     def _meta(self, step: int) -> dict:
         args = self._model_args()
@@ -358,6 +362,8 @@ class Checkpointer:
         dcp.load(app, checkpoint_id=str(directory), no_dist=not self.world.distributed)
         set_state_dict(self.state.model, self.state.optimizer, model_state_dict=app["model"],
                        optim_state_dict=app["optim"])  # fmt: skip
+        if "ref" in app:
+            self.state.ref_model.load_state_dict(app["ref"])
         if meta.get("optimizer_empty"):
             self.state.optimizer.state.clear()
         r = self.world.rank

@@ -8,12 +8,18 @@ import sys
 import uuid
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import DEFAULT_CONFIG, GRPO_CONFIG, ConfigError, load_config
 from .launch import FATAL, default_run_dir
 
 
 def _train(a: argparse.Namespace) -> int:
     sets = list(a.sets)
+    embedded = DEFAULT_CONFIG
+    if a.command == "grpo":
+        embedded = GRPO_CONFIG
+        sets.insert(0, "train.mode=grpo")
+        if a.init is not None:
+            sets.insert(1, f"model.init_from={json.dumps(str(a.init))}")
     if a.nproc is not None:
         sets.append(f"parallel.nproc={a.nproc}")
     faults = [spec for spec in a.chaos if not spec.startswith("every=")]  # shorthand: kind@step[:rank],...
@@ -27,7 +33,7 @@ def _train(a: argparse.Namespace) -> int:
         config = a.resume / "config.toml"
         if not config.is_file():
             raise FileNotFoundError(f"--resume {a.resume}: no config.toml there (not a run directory)")
-    cfg = load_config(config, sets)
+    cfg = load_config(config, sets, embedded=embedded)
     if a.print_config:
         print(cfg.to_toml(), end="")
         return 0
@@ -139,20 +145,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="anychip", description="vendor-neutral, fault-tolerant LLM training")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model (default: tiny DeepSeek-V3 on reasoning-gym arithmetic)")
-    t.add_argument("config", nargs="?", help="TOML file (default: the embedded default)")
-    t.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    t.add_argument("--nproc", type=int, help="local worker processes (parallel.nproc)")
-    t.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument(
-        "--chaos",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="inject faults: kind@step[:rank],... or every=N (see [chaos] in the config)",
+    r = sub.add_parser(
+        "grpo", help="reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO, GSPO) from a trained model"
     )
-    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
-    t.set_defaults(fn=_train)
+    for q, default in ((t, DEFAULT_CONFIG), (r, GRPO_CONFIG)):
+        q.add_argument("config", nargs="?", help=f"TOML file (default: the embedded {default})")
+        q.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        q.add_argument("--nproc", type=int, help="local worker processes (parallel.nproc)")
+        q.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
+        q.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        q.add_argument(
+            "--chaos", action="append", default=[], metavar="SPEC",
+            help="inject faults: kind@step[:rank],... or every=N (see [chaos] in the config)",
+        )  # fmt: skip
+        q.add_argument(
+            "--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint"
+        )
+        q.set_defaults(fn=_train)
+    r.add_argument(
+        "--init", type=Path, metavar="PATH",
+        help="the model to start from: an anychip run, one of its checkpoints, or a Hugging Face directory "
+        "(model.init_from)",
+    )  # fmt: skip
     e = sub.add_parser("eval", help="held-out accuracy of a run (RUN_DIR) or a Hugging Face directory")
     e.add_argument("path", help="run directory or Hugging Face model directory")
     e.add_argument("--task", action="append", default=[], help="reasoning-gym task (default: the run's)")

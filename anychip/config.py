@@ -32,7 +32,7 @@ class ModelConfig:
     given beside it overrides the preset."""
 
     preset: str = "tiny"
-    init_from: str = ""  # "" = random init; "hf:DIR" = a Hugging Face directory
+    init_from: str = ""  # "" = random init; a Hugging Face directory ("hf:DIR" or DIR), a run, or a checkpoint
     overrides: dict = field(default_factory=dict)
 
 
@@ -141,6 +141,32 @@ class ChaosConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Reinforcement learning with verifiable rewards (``train.mode = "grpo"``, anychip/rl)."""
+
+    prompts_per_step: int = 16  # prompts per rollout batch, all ranks together
+    group_size: int = 8  # completions sampled per prompt (G)
+    max_new_tokens: int = 64  # completion length cap (L_max)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    loss: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    importance: str = "token"  # token | sequence (GSPO)
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO's clip-higher: 0.28
+    beta: float = 0.04  # weight of the k3 KL to the reference; 0 = no reference model
+    ref_reset_interval: int = 0  # steps between resets of the reference to the policy; 0 = never
+    iterations: int = 1  # optimisation passes over each rollout batch (mu)
+    minibatches: int = 1  # optimizer updates per pass
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = 3  # sampling rounds per rollout batch with dynamic sampling
+    overlong_filter: bool = False  # DAPO: truncated completions carry no loss
+    overlong_buffer: int = 16  # L_cache of the "overlong" reward
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+
+
+@dataclass
 class EvalConfig:
     n: int = 200  # held-out problems scored at the end of training
     max_new_tokens: int = 64
@@ -163,6 +189,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -199,19 +226,20 @@ def _drop_none(d: dict) -> dict:
 
 
 DEFAULT_CONFIG = "default.toml"
+GRPO_CONFIG = "grpo.toml"  # the embedded default of `anychip grpo`
 
 
-def default_config_text() -> str:
-    return resources.files("anychip.configs").joinpath(DEFAULT_CONFIG).read_text()
+def default_config_text(name: str = DEFAULT_CONFIG) -> str:
+    return resources.files("anychip.configs").joinpath(name).read_text()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The resolved Config: defaults < the TOML file (the embedded default when None)
+def load_config(path: str | Path | None = None, overrides: list[str] = (), embedded: str = DEFAULT_CONFIG) -> Config:
+    """The resolved Config: defaults < the TOML file (the embedded ``embedded`` when None)
     < ``overrides`` ("section.key=value", value in TOML syntax, bare words as strings).
     Raises ConfigError naming the file, key, value and expectation; FileNotFoundError
     for a missing file."""
     if path is None:
-        source, text = f"<embedded {DEFAULT_CONFIG}>", default_config_text()
+        source, text = f"<embedded {embedded}>", default_config_text(embedded)
     else:
         p = Path(path)
         if not p.is_file():
@@ -308,7 +336,10 @@ def _coerce(value, hint, where: str):
 
 
 _CHOICES = {
-    ("train", "mode"): ("pretrain", "sft"),
+    ("train", "mode"): ("pretrain", "sft", "grpo"),
+    ("grpo", "loss"): ("grpo", "bnpo", "dr_grpo", "dapo"),
+    ("grpo", "importance"): ("token", "sequence"),
+    ("grpo", "advantage_scale"): ("group", "batch", "none"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("data", "source"): ("reasoning_gym", "jsonl", "text"),
     ("device", "type"): ("auto", "cpu", "cuda", "npu", "xpu", "mps"),
@@ -321,6 +352,8 @@ _POSITIVE = [
     ("guards", "nonfinite_max"), ("guards", "spike_window"), ("guards", "spike_threshold"), ("guards", "max_rollbacks"),
     ("guards", "watchdog_factor"), ("guards", "watchdog_startup_s"), ("guards", "collective_timeout_s"),
     ("guards", "straggler_factor"), ("guards", "audit_rows"), ("guards", "audit_max_failures"),
+    ("grpo", "prompts_per_step"), ("grpo", "group_size"), ("grpo", "max_new_tokens"), ("grpo", "iterations"),
+    ("grpo", "minibatches"), ("grpo", "max_sampling_rounds"), ("grpo", "overlong_buffer"),
 ]  # fmt: skip
 _NON_NEGATIVE = [
     ("train", "micro_batch"), ("train", "warmup_steps"), ("train", "weight_decay"), ("train", "grad_clip"),
@@ -329,7 +362,48 @@ _NON_NEGATIVE = [
     ("guards", "spike_grad_threshold"), ("guards", "spike_grad_min_rise"), ("guards", "watchdog_grace_s"),
     ("guards", "straggler_interval"), ("guards", "replica_check_interval"), ("guards", "audit_interval"),
     ("chaos", "every"), ("chaos", "slow_s"), ("chaos", "slow_steps"),
+    ("grpo", "temperature"), ("grpo", "top_k"), ("grpo", "eps_low"), ("grpo", "eps_high"), ("grpo", "beta"),
+    ("grpo", "ref_reset_interval"),
 ]  # fmt: skip
+
+
+def _validate_grpo(cfg: Config, bad) -> None:
+    g, nproc = cfg.grpo, cfg.parallel.nproc
+    if g.prompts_per_step % nproc:
+        raise bad("grpo", "prompts_per_step", f"a multiple of parallel.nproc = {nproc} (groups stay on one rank)")
+    local = g.prompts_per_step // nproc
+    if local % g.minibatches:
+        raise bad("grpo", "minibatches", f"a divisor of the {local} prompts per process and rollout")
+    rows = local // g.minibatches * g.group_size
+    if cfg.train.micro_batch and rows % cfg.train.micro_batch:
+        raise bad("train", "micro_batch", f"a divisor of the {rows} sequences per process and update")
+    per = g.iterations * g.minibatches
+    if cfg.train.steps % per:
+        raise bad("train", "steps", f"a multiple of grpo.iterations x grpo.minibatches = {per} (whole rollouts)")
+    if cfg.checkpoint.interval % per:
+        raise bad("checkpoint", "interval", f"a multiple of grpo.iterations x grpo.minibatches = {per}")
+    if cfg.grpo.ref_reset_interval % per:
+        raise bad("grpo", "ref_reset_interval", f"a multiple of grpo.iterations x grpo.minibatches = {per}")
+    if cfg.data.source != "reasoning_gym":
+        raise bad("data", "source", '"reasoning_gym" for train.mode = "grpo" (rewards need a verifier)')
+    if not cfg.model.init_from:
+        raise bad("model", "init_from", 'a trained model for train.mode = "grpo" (anychip grpo --init RUN_DIR)')
+    if not 0 < g.top_p <= 1:
+        raise bad("grpo", "top_p", "in (0, 1]")
+    if g.group_size < 2 and g.advantage_scale == "group":
+        raise bad("grpo", "group_size", ">= 2 (group-normalised advantages)")
+    if not g.rewards or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g.rewards.values()):
+        raise bad("grpo", "rewards", "a table {name or module:function = weight}, e.g. {accuracy = 1.0, format = 0.1}")
+    from .rl.rewards import BUILT_IN, load_function
+
+    for name in g.rewards:
+        if name not in BUILT_IN:
+            try:
+                load_function(name)
+            except ValueError as e:
+                raise bad("grpo", "rewards", f"importable reward functions ({e})") from None
+    if "overlong" in g.rewards and not 0 < g.overlong_buffer <= g.max_new_tokens:
+        raise bad("grpo", "overlong_buffer", f"<= grpo.max_new_tokens = {g.max_new_tokens}")
 
 
 def validate(cfg: Config, source: str = "config") -> None:
@@ -363,8 +437,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise bad("train", "micro_batch", f"a divisor of the {local} sequences per process")
     if cfg.model.preset not in PRESETS:
         raise bad("model", "preset", "one of " + ", ".join(PRESETS))
-    if cfg.model.init_from and not cfg.model.init_from.startswith("hf:"):
-        raise bad("model", "init_from", '"" (random) or "hf:DIR"')
+    if cfg.model.init_from:
+        from .export import resolve_init
+
+        try:
+            resolve_init(cfg.model.init_from)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{source}: model.init_from: {e}") from None
+    if cfg.train.mode == "grpo":
+        _validate_grpo(cfg, bad)
     try:
         args = cfg.model_args()
     except ConfigError as e:

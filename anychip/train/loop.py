@@ -36,9 +36,10 @@ from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
 from ..eval import EvalResult, evaluate, reduce_result, shard
+from ..export import load_init
 from ..guards import install as install_guards
 from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
-from ..models import DeepSeekV3, count_parameters, load_hf, save_hf, training_flops_per_token
+from ..models import DeepSeekV3, count_parameters, save_hf, training_flops_per_token
 from ..parallel import World, all_reduce_sum, close_world, init_world, parallelize, unwrap
 from .optim import build_optimizer, lr_at, set_lr
 from .runlog import RunLog, append_event, read_jsonl
@@ -98,6 +99,7 @@ class TrainState:
     metrics: dict = field(default_factory=dict)
     extra_metrics: dict = field(default_factory=dict)  # guards' figures for the step in progress
     eval: EvalResult | None = None
+    ref_model: torch.nn.Module | None = None  # GRPO: the frozen reference policy (checkpointed)
 
 
 def build_source(cfg: Config, split: str = "train"):
@@ -114,13 +116,16 @@ def build_source(cfg: Config, split: str = "train"):
 
 
 def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> DeepSeekV3:
-    """Random init (identical on every rank) or the Hugging Face directory of ``init_from``."""
+    """Random init (identical on every rank) or the model ``init_from`` names: a Hugging Face
+    directory, a run (its final model, else its newest checkpoint) or a checkpoint."""
     if cfg.model.init_from:
-        path = cfg.model.init_from.removeprefix("hf:")
-        model = load_hf(path, device=device.torch_device(world.local_rank), **_shape_free(cfg.model.overrides))
+        model = load_init(
+            cfg.model.init_from, device=device.torch_device(world.local_rank), **_shape_free(cfg.model.overrides)
+        )
         if model.args.vocab_size < vocab_size:
             raise ValueError(
-                f"model.init_from {path}: vocab_size {model.args.vocab_size} < tokenizer's {vocab_size} tokens"
+                f"model.init_from {cfg.model.init_from}: vocab_size {model.args.vocab_size} < tokenizer's "
+                f"{vocab_size} tokens"
             )
         return model
     args = cfg.model_args(vocab_size)
@@ -180,13 +185,26 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer.vocab_size, device, world)
     model.train()
+    rl = cfg.train.mode == "grpo"
+    ref = None
+    if rl:
+        from ..rl.grpo import make_reference, prepare_policy
+
+        prepare_policy(model)
+        ref = make_reference(model) if cfg.grpo.beta else None
     model = parallelize(model, world, cfg.parallel.strategy)
     optimizer = build_optimizer(model, cfg.train, device)
-    data = TokenBatches(
-        build_source(cfg, "train"), tokenizer, cfg.train.seq_len, cfg.train.global_batch,
-        world.rank, world.world_size, cfg.train.mode,
-    )  # fmt: skip
-    state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer)
+    data = None
+    if not rl:
+        data = TokenBatches(
+            build_source(cfg, "train"), tokenizer, cfg.train.seq_len, cfg.train.global_batch,
+            world.rank, world.world_size, cfg.train.mode,
+        )  # fmt: skip
+    state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer, ref_model=ref)
+    if rl:
+        from ..rl.grpo import RolloutBatches
+
+        state.data = RolloutBatches(state, build_source(cfg, "train"), ref)
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -239,9 +257,10 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     model, optimizer = state.model, state.optimizer
     core = unwrap(model)
     args = core.args
+    rl = cfg.train.mode == "grpo"
     local_rows = cfg.train.global_batch // world.world_size
-    micro = cfg.train.micro_batch or local_rows
-    if local_rows % micro:
+    micro = cfg.train.micro_batch or (0 if rl else local_rows)  # GRPO: 0 = the whole minibatch
+    if not rl and local_rows % micro:
         raise ValueError(
             f"train.micro_batch = {micro} does not divide the {local_rows} sequences per rank "
             f"(global_batch {cfg.train.global_batch} / world size {world.world_size})"
@@ -250,6 +269,13 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     flops_per_token, _, _ = training_flops_per_token(args, cfg.train.seq_len)
     peak = device.peak_flops(amp or torch.float32)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    step_fn = forward_backward
+    if rl:
+        from ..rl.grpo import policy_step, reset_reference
+
+        def step_fn(model, batch, micro, amp, device, world):
+            return policy_step(cfg, model, batch, micro, amp, device, world)
+
     if state.guarded and state.step == 0 and cfg.checkpoint.interval:
         state.checkpointer.save(0)  # something to roll back to before the first interval
     hooks("on_start", state)
@@ -260,7 +286,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         if state.batch is None:  # a retried step keeps its batch
             state.batch = state.data.next_batch()
         hooks("before_step", state)
-        state.losses = losses = forward_backward(model, state.batch, micro, amp, device, world)
+        state.losses = losses = step_fn(model, state.batch, micro, amp, device, world)
         hooks("after_backward", state)
         grad_norm = _clip(model, cfg.train.grad_clip)
         state.grad_norm, state.verdicts = grad_norm, []
@@ -286,19 +312,24 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         state.batch = None
         device.synchronize()
         dt = time.perf_counter() - t0
+        step_tokens, step_flops = losses.pop("step_tokens", tokens_per_step), losses.pop("step_flops", None)
+        if step_flops is None:
+            step_flops = flops_per_token * tokens_per_step
         state.metrics = {
             **losses,
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time": dt,
-            "tokens_per_s": tokens_per_step / dt,
-            "mfu": flops_per_token * tokens_per_step / dt / (peak * world.world_size) if peak else None,
+            "tokens_per_s": step_tokens / dt,
+            "mfu": step_flops / dt / (peak * world.world_size) if peak else None,
             "expert_imbalance": _imbalance(loads),
             "memory_peak_gb": device.memory_stats()["peak_allocated"] / 2**30,
             **state.extra_metrics,  # from guards, for this step
         }
         state.extra_metrics = {}
         log.metrics(step, state.metrics)
+        if rl and cfg.grpo.ref_reset_interval and step % cfg.grpo.ref_reset_interval == 0:
+            reset_reference(state)
         if checkpoint_due(cfg, step):
             state.checkpointer.save(step)
         hooks("after_step", state)
@@ -306,6 +337,13 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
             m = state.metrics
             mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+            if rl:
+                log.print(
+                    f"step {step:5d}  reward {m['reward']:.3f}  accuracy {m['accuracy']:.3f}  kl {m['kl']:.4f}  "
+                    f"clip {m['clip_fraction']:.3f}  length {m['response_length']:.1f}  entropy {m['entropy']:.3f}  "
+                    f"lr {lr:.2e}  grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}"
+                )
+                continue
             log.print(
                 f"step {step:5d}  loss {m['loss']:.4f}  lm {m['lm_loss']:.4f}  lr {lr:.2e}  "
                 f"grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
