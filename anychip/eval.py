@@ -38,7 +38,10 @@ def evaluate(
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             prompts = [[tokenizer.bos_id, *tokenizer.encode(ex.prompt)] for ex in chunk]
-            outs = generate(model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, stop=stop)
+            outs = generate(
+                model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, stop=stop,
+                vocab_size=tokenizer.vocab_size, suppress=never_generated(tokenizer),
+            )  # fmt: skip
             for ex, out in zip(chunk, outs):
                 text = tokenizer.decode(out)
                 s = float(score(ex, text))
@@ -48,6 +51,11 @@ def evaluate(
     finally:
         model.train(was_training)
     return EvalResult(correct, len(examples), samples)
+
+
+def never_generated(tokenizer) -> tuple[int, ...]:
+    """Padding and beginning-of-sequence ids (unless one is also the eos)."""
+    return tuple({tokenizer.pad_id, tokenizer.bos_id} - {tokenizer.eos_id, None})
 
 
 def shard(items: list, rank: int, world_size: int) -> list:

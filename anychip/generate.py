@@ -37,9 +37,13 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+    suppress: tuple[int, ...] = (),
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens (greedy when temperature
     is 0), stopping a sequence at ``eos_id`` or when it ends with one of ``stop``.
+    Only ids below ``vocab_size`` (the tokenizer's; the model's output layer may be
+    larger) and not in ``suppress`` (e.g. padding) are ever chosen.
     Returns the generated tokens of each prompt (eos and stop sequence included)."""
     device = model.embed_tokens.weight.device
     bsz, width = len(prompts), max(len(p) for p in prompts)
@@ -51,11 +55,21 @@ def generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = KVCache(model.args, bsz, width + max_new_tokens, device=device, dtype=model.embed_tokens.weight.dtype)
-    logits = model(ids, cache=cache, attention_mask=mask, positions=positions)[:, -1]
+    banned = None
+    n_out = model.args.vocab_size
+    if (vocab_size is not None and vocab_size < n_out) or suppress:
+        banned = torch.zeros(n_out, dtype=torch.bool, device=device)
+        if vocab_size is not None:
+            banned[vocab_size:] = True
+        banned[list(suppress)] = True
+    last = model.hidden_states(ids, cache=cache, attention_mask=mask, positions=positions)[:, -1:]
+    logits = model.lm_head(last)[:, -1]  # the prompt's last position only
     out: list[list[int]] = [[] for _ in range(bsz)]
     done = torch.zeros(bsz, dtype=torch.bool)
     next_pos = positions[:, -1] + 1
     for _ in range(max_new_tokens):
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
         tokens = _sample(logits, temperature, top_k, top_p, generator).cpu()
         for i in range(bsz):
             if done[i]:

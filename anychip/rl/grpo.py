@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Example
+from ..eval import never_generated
 from ..generate import generate
 from ..models import training_flops_per_token
 from ..parallel import World, all_reduce_sum, unwrap
@@ -169,7 +170,8 @@ class RolloutBatches:
         try:
             outs = generate(
                 policy, prompts, g.max_new_tokens, tok.eos_id, tok.pad_id, stop=self.stop, temperature=g.temperature,
-                top_k=g.top_k, top_p=g.top_p, generator=self._sampler(rnd),
+                top_k=g.top_k, top_p=g.top_p, generator=self._sampler(rnd), vocab_size=tok.vocab_size,
+                suppress=never_generated(tok),
             )  # fmt: skip
         finally:
             policy.train(was_training)
@@ -361,7 +363,7 @@ def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) 
     out.update(rollout)
     # FLOPs: forward + backward over the rows; forward only for sampling (prefill and one
     # token per decode step) and the old-policy / reference log-probs, on the rollout's first update
-    per_token, _, _ = training_flops_per_token(core.args, ids.shape[1])
+    per_token, _, _ = training_flops_per_token(core.args.replace(num_nextn_predict_layers=0), ids.shape[1])
     forward_only = 0.0
     if batch["first"]:
         forward_only = rollout["generated_tokens"] + rollout["prompt_tokens"] + rollout["forward_tokens"]

@@ -171,7 +171,11 @@ class MLA(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, a.rope_interleave)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, a.rope_interleave).squeeze(1)
         if cache is not None:
+            decoding = cache.pos > 0
             latent, k_rope = cache.update(layer_id, latent, k_rope)
+            if decoding:
+                o = self._absorbed(q_nope, q_rope, latent, k_rope, mask)
+                return self.o_proj(o.transpose(1, 2).reshape(bsz, seqlen, n_h * a.v_head_dim))
         kv = self.kv_b_proj(latent).view(bsz, latent.shape[1], n_h, -1).transpose(1, 2)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(-1, n_h, -1, -1)), dim=-1)
@@ -183,6 +187,22 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
         o = o[..., : a.v_head_dim]
         return self.o_proj(o.transpose(1, 2).reshape(bsz, seqlen, n_h * a.v_head_dim))
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Attention over the cached latent without expanding it into per-head keys and
+        values (decoding): W^{UK} is absorbed into the query and W^{UV} applied after the
+        weighted sum, so each step costs O(cached tokens x d_c) instead of re-projecting the
+        whole cache. Same result as the expanded path up to rounding."""
+        a = self.args
+        w = self.kv_b_proj.weight.view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        w_uk, w_uv = w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, H, L, d_c]
+        scores = q_latent @ latent.unsqueeze(1).transpose(-1, -2) + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)
+        scores = scores.float() * self.softmax_scale  # [B, H, L, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1).to(latent.dtype)
+        return torch.einsum("bhtc,hvc->bhtv", p @ latent.unsqueeze(1), w_uv)  # [B, H, L, d_v]
 
 
 # ---------------------------------------------------------------------------- FFN
@@ -236,15 +256,17 @@ class Gate(nn.Module):
 
 
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's grouped GEMM exists on some devices and dtypes only: probe once."""
+    """torch's grouped GEMM exists on some devices and dtypes only: probe once (forward
+    and backward; with autograd on even when the first MoE forward runs under no_grad)."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         try:
-            x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
-            y = F.grouped_mm(x, w, offs=offs)
-            y.backward(torch.ones_like(y))
+            with torch.enable_grad():
+                x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
+                y = F.grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
             _GROUPED_MM_OK[key] = bool(torch.allclose(y.detach().float(), torch.full_like(y, 16).float()))
         except Exception:  # not implemented for this device/dtype: use the loop
             _GROUPED_MM_OK[key] = False
