@@ -115,13 +115,20 @@ def _eval(a: argparse.Namespace) -> int:
     heldout = ReasoningTasks(tasks, seed=seed, split="heldout", heldout_size=heldout_size, task_kwargs=options)
     examples = [heldout.example(i) for i in range(a.n)]
     with torch.no_grad():
-        result = evaluate(model, tokenizer, examples, a.max_new_tokens, a.batch_size)
-    report = {"accuracy": result.accuracy, "correct": result.correct, "n": result.n, "tasks": tasks,
-              "model": str(path), "samples": result.samples}  # fmt: skip
+        result = evaluate(
+            model, tokenizer, examples, a.max_new_tokens, a.batch_size, a.samples, a.temperature, a.top_p, a.seed
+        )
+    decoding = "greedy" if a.temperature <= 0 else f"pass@1 of {a.samples} samples at temperature {a.temperature:g}"
+    report = {"accuracy": result.accuracy, "exact_accuracy": result.exact_accuracy, "correct": result.correct,
+              "n": result.n, "tasks": tasks, "decoding": decoding, "model": str(path),
+              "samples": result.samples}  # fmt: skip
     if a.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"held-out accuracy on {','.join(tasks)}: {result.accuracy:.1%} ({result.correct:g}/{result.n})")
+        print(
+            f"held-out accuracy on {','.join(tasks)} ({decoding}): {result.accuracy:.1%} "
+            f"({result.correct:g}/{result.n}; exactly right: {result.exact_accuracy:.1%})"
+        )
     return 0
 
 
@@ -174,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--tokenizer", default="", help="byte or tokenizer.json (default: the run's, else byte)")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--samples", type=int, default=1, help="sampled completions per problem (with --temperature)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
     e.add_argument("--device", default=None, help="device type (default: auto)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(fn=_eval)

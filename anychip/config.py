@@ -390,6 +390,8 @@ def _validate_grpo(cfg: Config, bad) -> None:
         raise bad("model", "init_from", 'a trained model for train.mode = "grpo" (anychip grpo --init RUN_DIR)')
     if not 0 < g.top_p <= 1:
         raise bad("grpo", "top_p", "in (0, 1]")
+    if g.temperature <= 0:
+        raise bad("grpo", "temperature", "> 0 (rollouts are sampled)")
     if g.group_size < 2 and g.advantage_scale == "group":
         raise bad("grpo", "group_size", ">= 2 (group-normalised advantages)")
     if not g.rewards or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g.rewards.values()):

@@ -1,5 +1,6 @@
-"""Held-out accuracy: greedy decoding with the KV cache on generated problems, scored
-by the task's own verifier (reasoning-gym)."""
+"""Held-out accuracy: greedy decoding (or pass@1 averaged over sampled completions, as
+DeepSeek-R1 reports it) with the KV cache on generated problems, scored by the task's own
+verifier (reasoning-gym)."""
 
 from __future__ import annotations
 
@@ -16,41 +17,64 @@ STOP = "</answer>"
 
 @dataclass
 class EvalResult:
-    correct: float
-    n: int
+    correct: float  # sum of the verifier's scores (some tasks give partial credit), over samples per problem
+    n: int  # problems
     samples: list[dict] = field(default_factory=list)  # a few (prompt, output, answer, score) for reading
+    exact: float = 0.0  # completions scored 1.0, over samples per problem
 
     @property
     def accuracy(self) -> float:
+        """Mean score per problem (pass@1; averaged over the samples when sampling)."""
         return self.correct / self.n if self.n else 0.0
+
+    @property
+    def exact_accuracy(self) -> float:
+        return self.exact / self.n if self.n else 0.0
 
 
 def evaluate(
-    model: DeepSeekV3, tokenizer, examples: list[Example], max_new_tokens: int = 48, batch_size: int = 50
+    model: DeepSeekV3,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int = 48,
+    batch_size: int = 50,
+    samples_per_problem: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> EvalResult:
-    """Greedy-decode a completion for every example's prompt and score it. The model is
-    put in eval mode for the call and restored afterwards."""
+    """Decode a completion for every example's prompt and score it: greedy by default;
+    with ``temperature`` > 0, ``samples_per_problem`` sampled completions per problem whose
+    scores are averaged (pass@1 as in DeepSeek-R1's evaluation). The model is put in eval
+    mode for the call and restored afterwards."""
     was_training = model.training
     model.eval()
     stop = [tokenizer.encode(STOP)]
-    correct, samples = 0.0, []
+    k = samples_per_problem if temperature > 0 else 1
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    correct, exact, samples = 0.0, 0.0, []
+    todo = [ex for ex in examples for _ in range(k)]
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
             prompts = [[tokenizer.bos_id, *tokenizer.encode(ex.prompt)] for ex in chunk]
             outs = generate(
                 model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, stop=stop,
-                vocab_size=tokenizer.vocab_size, suppress=never_generated(tokenizer),
+                temperature=temperature, top_p=top_p, generator=generator, vocab_size=tokenizer.vocab_size,
+                suppress=never_generated(tokenizer),
             )  # fmt: skip
             for ex, out in zip(chunk, outs):
                 text = tokenizer.decode(out)
                 s = float(score(ex, text))
-                correct += s
+                correct += s / k
+                exact += float(s >= 1.0) / k
                 if len(samples) < 5:
                     samples.append({"prompt": ex.prompt, "output": text, "answer": ex.answer, "score": s})
     finally:
         model.train(was_training)
-    return EvalResult(correct, len(examples), samples)
+    return EvalResult(correct, len(examples), samples, exact)
 
 
 def never_generated(tokenizer) -> tuple[int, ...]:
@@ -67,6 +91,6 @@ def reduce_result(result: EvalResult, world) -> EvalResult:
     """Sum correct and n over ranks (samples stay rank 0's)."""
     from .parallel import all_reduce_sum
 
-    t = torch.tensor([result.correct, float(result.n)], dtype=torch.float64)
+    t = torch.tensor([result.correct, float(result.n), result.exact], dtype=torch.float64)
     all_reduce_sum(t, world)
-    return EvalResult(t[0].item(), int(t[1].item()), result.samples)
+    return EvalResult(t[0].item(), int(t[1].item()), result.samples, t[2].item())

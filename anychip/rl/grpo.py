@@ -74,18 +74,22 @@ def full_state(model, world: World) -> dict:
 
 
 @torch.no_grad()
-def token_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, micro: int) -> torch.Tensor:
-    """log p(target_t | input_<=t) for every position, [B, T], float32, in chunks of ``micro`` rows."""
+def token_logprobs(
+    model, input_ids: torch.Tensor, targets: torch.Tensor, micro: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(target_t | input_<=t) for every position, [B, T], float32, in chunks of ``micro``
+    rows, of the policy at the sampling ``temperature`` (logits / temperature)."""
     out = []
     for start in range(0, input_ids.shape[0], micro):
-        logits = model(input_ids[start : start + micro])
-        out.append(_gather_logprobs(logits, targets[start : start + micro]))
+        logp = log_softmax(model(input_ids[start : start + micro]), temperature)
+        out.append(logp.gather(-1, targets[start : start + micro].clamp(min=0).unsqueeze(-1)).squeeze(-1))
     return torch.cat(out)
 
 
-def _gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution: the policy whose ratios and KL the
+    losses take is the one the rollouts were drawn from (as TRL and verl do)."""
+    return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
 class RolloutBatches:
@@ -260,10 +264,10 @@ class RolloutBatches:
         if updates_per_rollout(self.cfg) > 1:  # the policy moves between updates: keep the sampling policy's
             policy = self._policy_for_sampling()
             policy.eval()
-            batch["old_logp"] = token_logprobs(policy, ids.to(dev), targets.to(dev), micro).cpu()
+            batch["old_logp"] = token_logprobs(policy, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
             policy.train()
         if self.ref is not None and g.beta:
-            batch["ref_logp"] = token_logprobs(self.ref, ids.to(dev), targets.to(dev), micro).cpu()
+            batch["ref_logp"] = token_logprobs(self.ref, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
         batch["forward_tokens"] = ids.numel() * (("old_logp" in batch) + ("ref_logp" in batch))
         return batch
 
@@ -329,7 +333,7 @@ def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) 
         with _no_sync(model, i == len(chunks) - 1):
             with _autocast(device, amp):
                 logits = model(x)
-            logp_all = F.log_softmax(logits.float(), dim=-1)
+            logp_all = log_softmax(logits, g.temperature)
             logp = logp_all.gather(-1, targets[sl].to(dev).unsqueeze(-1)).squeeze(-1)
             old = batch["old_logp"][sl].to(dev) if "old_logp" in batch else logp.detach()
             ref = batch["ref_logp"][sl].to(dev) if "ref_logp" in batch else None
@@ -342,19 +346,23 @@ def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) 
             (loss * world.world_size).backward()
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
+            if g.importance == "sequence":  # one ratio per sequence: count sequences
+                clip_low, clip_high = per_tok["clip_low"][:, 0].sum().item(), per_tok["clip_high"][:, 0].sum().item()
+            else:
+                clip_low, clip_high = (per_tok["clip_low"] * m).sum().item(), (per_tok["clip_high"] * m).sum().item()
             sums += torch.tensor([
-                loss.item(), (per_tok["kl"] * m).sum().item() if "kl" in per_tok else 0.0,
-                (per_tok["clip_low"] * m).sum().item(), (per_tok["clip_high"] * m).sum().item(),
+                loss.item(), (per_tok["kl"] * m).sum().item() if "kl" in per_tok else 0.0, clip_low, clip_high,
                 (entropy * m).sum().item(), m.sum().item(),
             ], dtype=torch.float64)  # fmt: skip
     sums = all_reduce_sum(sums, world)
     n = max(sums[5].item(), 1.0)
+    n_clip = sequences if g.importance == "sequence" else n
     out = {
         "loss": sums[0].item(),
         "kl": sums[1].item() / n,
-        "clip_low": sums[2].item() / n,
-        "clip_high": sums[3].item() / n,
-        "clip_fraction": (sums[2].item() + sums[3].item()) / n,
+        "clip_low": sums[2].item() / n_clip,
+        "clip_high": sums[3].item() / n_clip,
+        "clip_fraction": (sums[2].item() + sums[3].item()) / n_clip,
         "entropy": sums[4].item() / n,
         "tokens": int(tokens),
     }

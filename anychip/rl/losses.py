@@ -139,9 +139,9 @@ def policy_loss(
     level: str = "token",
     max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one whole batch and its statistics (token means over ``mask``):
-    ``kl`` (when reference log-probs are given), ``clip_low``, ``clip_high`` and
-    ``clip_fraction`` (their sum)."""
+    """The loss of one whole batch and its statistics: ``kl`` (token mean, when reference
+    log-probs are given), ``clip_low``, ``clip_high`` (token means; with GSPO's
+    sequence-level ratio, the share of sequences) and ``clip_fraction`` (their sum)."""
     token_loss, per_token = per_token_loss(
         logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp,
         level=level,
@@ -150,5 +150,7 @@ def policy_loss(
     m = mask.to(logp.dtype)
     n = m.sum().clamp(min=1.0)
     stats = {k: float((v * m).sum() / n) for k, v in per_token.items()}
+    if level == "sequence":  # one ratio per sequence: the share of sequences clipped
+        stats.update({k: float(per_token[k][:, 0].mean()) for k in ("clip_low", "clip_high")})
     stats["clip_fraction"] = stats["clip_low"] + stats["clip_high"]
     return loss, stats

@@ -520,7 +520,8 @@ def _finish(state: TrainState, train_time: float) -> None:
             evaluate(final, state.tokenizer, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size), world
         )
         state.eval = result
-        log.print(f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}) on {cfg.data.tasks}")
+        log.print(f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}; exactly right: "
+                  f"{result.exact_accuracy:.1%}) on {cfg.data.tasks}")  # fmt: skip
         for s in result.samples[:3]:
             log.print(f"  {s['prompt'].strip()!r} -> {s['output']!r} (answer {s['answer']}, score {s['score']:g})")
         if world.is_main:
@@ -528,6 +529,7 @@ def _finish(state: TrainState, train_time: float) -> None:
                 json.dumps(
                     {
                         "accuracy": result.accuracy,
+                        "exact_accuracy": result.exact_accuracy,
                         "correct": result.correct,
                         "n": result.n,
                         "tasks": cfg.data.tasks,

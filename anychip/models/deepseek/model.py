@@ -120,6 +120,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.latent.shape[2]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (sequences that finished leave the batch)."""
+        self.latent = self.latent[:, rows]
+        self.k_rope = self.k_rope[:, rows]
+
     def update(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + latent.shape[1]
         self.latent[layer, :, self.pos : end] = latent
