@@ -99,6 +99,7 @@ def _eval(a: argparse.Namespace) -> int:
             tasks, options = cfg.data.tasks, cfg.data.task_options
         seed = cfg.train.seed
         heldout_size = cfg.data.heldout_size
+        max_new_tokens = a.max_new_tokens or cfg.eval.max_new_tokens
         if a.n > heldout_size:
             raise ConfigError(
                 f"anychip eval: --n {a.n} exceeds the run's held-out set (data.heldout_size = {heldout_size}); "
@@ -107,6 +108,7 @@ def _eval(a: argparse.Namespace) -> int:
         path = path / "final"
     else:  # a bare model directory: the held-out split of seed 0 (anychip's default training seed)
         heldout_size = a.n
+        max_new_tokens = a.max_new_tokens or 96
     if not tasks:
         raise ConfigError("anychip eval: name the task with --task (no run config to take it from)")
     device = get_device(None if a.device in (None, "auto") else a.device)
@@ -116,7 +118,7 @@ def _eval(a: argparse.Namespace) -> int:
     examples = [heldout.example(i) for i in range(a.n)]
     with torch.no_grad():
         result = evaluate(
-            model, tokenizer, examples, a.max_new_tokens, a.batch_size, a.samples, a.temperature, a.top_p, a.seed
+            model, tokenizer, examples, max_new_tokens, a.batch_size, a.samples, a.temperature, a.top_p, a.seed
         )
     decoding = "greedy" if a.temperature <= 0 else f"pass@1 of {a.samples} samples at temperature {a.temperature:g}"
     report = {"accuracy": result.accuracy, "exact_accuracy": result.exact_accuracy, "correct": result.correct,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--task", action="append", default=[], help="reasoning-gym task (default: the run's)")
     e.add_argument("--n", type=int, default=200, help="problems to score")
     e.add_argument("--tokenizer", default="", help="byte or tokenizer.json (default: the run's, else byte)")
-    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens, else 96")
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--samples", type=int, default=1, help="sampled completions per problem (with --temperature)")
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

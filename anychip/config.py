@@ -60,6 +60,7 @@ class DataConfig:
     source: str = "reasoning_gym"  # reasoning_gym | jsonl | text
     tasks: list[str] = field(default_factory=lambda: ["basic_arithmetic"])
     task_options: dict = field(default_factory=dict)  # per task: reasoning-gym dataset settings
+    reasoning: str = "columns"  # the <think> text: columns (column arithmetic where it applies) | expression
     path: str = ""  # jsonl / text corpus
     text_field: str = "text"
     prompt_field: str = ""
@@ -146,7 +147,7 @@ class GRPOConfig:
 
     prompts_per_step: int = 16  # prompts per rollout batch, all ranks together
     group_size: int = 8  # completions sampled per prompt (G)
-    max_new_tokens: int = 64  # completion length cap (L_max)
+    max_new_tokens: int = 96  # completion length cap (L_max)
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -169,7 +170,7 @@ class GRPOConfig:
 @dataclass
 class EvalConfig:
     n: int = 200  # held-out problems scored at the end of training
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96
     batch_size: int = 50
 
 
@@ -342,6 +343,7 @@ _CHOICES = {
     ("grpo", "advantage_scale"): ("group", "batch", "none"),
     ("train", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("data", "source"): ("reasoning_gym", "jsonl", "text"),
+    ("data", "reasoning"): ("columns", "expression"),
     ("device", "type"): ("auto", "cpu", "cuda", "npu", "xpu", "mps"),
     ("parallel", "strategy"): ("fsdp", "ddp"),
     ("chaos", "hang"): ("native", "stop"),

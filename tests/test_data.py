@@ -112,6 +112,38 @@ def test_render_format_is_exact():
     assert no_expr.completion == "<think></think>\n<answer>2*5</answer>"
 
 
+def test_column_reasoning_computes_the_answer_digit_by_digit():
+    from anychip.data.tasks import column_steps
+
+    entry = {"question": "Calculate 5 - 33.", "answer": "-28", "metadata": {"expression": "5 - 33"}}
+    assert render("basic_arithmetic", entry, "columns").completion == (
+        "<think>-(33-5) 3-5-0=-2 3-0-1=2 |-28</think>\n<answer>-28</answer>"
+    )
+    assert column_steps(99, "+", 99) == "9+9+0=18 9+9+1=19 |198"
+    assert column_steps(100, "-", 1) == "0-1-0=-1 0-0-1=-1 1-0-1=0 |99"
+    g = __import__("random").Random(0)
+    for _ in range(500):  # every step follows from the one before; the result is the arithmetic's
+        a, b, op = g.randrange(1000), g.randrange(1000), g.choice("+-")
+        text = column_steps(a, op, b)
+        steps, result = text.rsplit(" |", 1)
+        assert int(result) == (a + b if op == "+" else a - b)
+        carry = 0
+        for step in steps.split(" "):
+            if step.startswith("-("):
+                continue
+            lhs, v = step.split("=")
+            x, y, c = (int(t) for t in lhs.split(op))
+            assert c == carry
+            v = int(v)
+            assert v == (x + y + c if op == "+" else x - y - c)
+            carry = v // 10 if op == "+" else int(v < 0)
+    # anything else keeps the expression: more terms, or an answer the columns would not give
+    three = {"question": "q", "answer": "6", "metadata": {"expression": "1 + 2 + 3"}}
+    assert render("chain_sum", three, "columns").completion == "<think>1 + 2 + 3 = 6</think>\n<answer>6</answer>"
+    with pytest.raises(ValueError, match="reasoning"):
+        render("chain_sum", three, "essay")
+
+
 def test_tasks_render_reasoning_gym_entries(train_tasks):
     for i in range(6):
         ex = train_tasks.example(i)

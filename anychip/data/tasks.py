@@ -21,6 +21,7 @@ datasets this gives exactly the items of one huge dataset.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
@@ -64,12 +65,54 @@ def task_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def render(task: str, entry: dict) -> Example:
-    """The Example for a reasoning-gym entry, in the fixed prompt/completion format."""
+REASONING = ("expression", "columns")
+_TWO_TERMS = re.compile(r"\s*(\d+)\s*([+-])\s*(\d+)\s*")
+
+
+def column_steps(a: int, op: str, b: int) -> str | None:
+    """Column arithmetic for ``a op b`` (non-negative integers), least significant digit
+    first: ``x+y+c=s`` per column for a sum (s >= 10 carries 1), ``x-y-c=d`` for a
+    difference (d < 0 borrows 1; the digit is d + 10), then ``|`` and the result.
+    ``b > a`` in a difference is written ``-(b-a)`` and computed as b - a."""
+    sign = ""
+    if op == "-" and b > a:
+        sign, a, b = "-", b, a
+    da, db = str(a)[::-1], str(b)[::-1]
+    n = max(len(da), len(db))
+    da, db = da.ljust(n, "0"), db.ljust(n, "0")
+    steps, c = [], 0
+    for x, y in zip(da, db):
+        if op == "+":
+            v = int(x) + int(y) + c
+            steps.append(f"{x}+{y}+{c}={v}")
+            c = v // 10
+        else:
+            v = int(x) - int(y) - c
+            steps.append(f"{x}-{y}-{c}={v}")
+            c = int(v < 0)
+    result = a + b if op == "+" else a - b
+    head = f"-({a}-{b}) " if sign else ""
+    return f"{head}{' '.join(steps)} |{sign}{result}"
+
+
+def render(task: str, entry: dict, reasoning: str = "expression") -> Example:
+    """The Example for a reasoning-gym entry, in the fixed prompt/completion format.
+
+    ``reasoning="columns"`` writes a two-term sum or difference of non-negative integers
+    as column arithmetic (``column_steps``), a chain of thought a small model can follow;
+    other entries keep ``"expression"``: the expression, ``=``, the answer."""
+    if reasoning not in REASONING:
+        raise ValueError(f"reasoning {reasoning!r} is not one of {REASONING}")
     answer = "" if entry.get("answer") is None else str(entry["answer"])
     expression = (entry.get("metadata") or {}).get("expression")
     # countdown's "expression" is the answer itself: "x = x" would teach nothing
-    reasoning = f"{expression} = {answer}" if isinstance(expression, str) and expression != answer else ""
+    reasoning_text = f"{expression} = {answer}" if isinstance(expression, str) and expression != answer else ""
+    m = _TWO_TERMS.fullmatch(expression) if reasoning == "columns" and isinstance(expression, str) else None
+    if m is not None:
+        a, op, b = int(m[1]), m[2], int(m[3])
+        if str(a + b if op == "+" else a - b) == answer:  # only where the column result is the task's answer
+            reasoning_text = column_steps(a, op, b)
+    reasoning = reasoning_text
     return Example(
         prompt=entry["question"].strip() + "\n",
         completion=f"<think>{reasoning}</think>\n<answer>{answer}</answer>",
@@ -148,6 +191,7 @@ class ReasoningTasks:
         split: str = "train",
         heldout_size: int = 200,
         task_kwargs: dict[str, dict] | None = None,
+        reasoning: str = "expression",
     ):
         if isinstance(names, str):
             names = [names]
@@ -165,6 +209,9 @@ class ReasoningTasks:
         extra = set(task_kwargs or {}) - set(names)
         if extra:
             raise ValueError(f"task_kwargs names tasks not in names={names}: {sorted(extra)}")
+        if reasoning not in REASONING:
+            raise ValueError(f"reasoning {reasoning!r} is not one of {REASONING}")
+        self.reasoning = reasoning
         self.names = names
         self.seed = int(seed)
         self.split = split
@@ -219,7 +266,7 @@ class ReasoningTasks:
         name = self.names[i % len(self.names)]
         j = i // len(self.names)
         if self.split == "heldout":
-            return render(name, self._heldout[name][j])
+            return render(name, self._heldout[name][j], self.reasoning)
         entry = self._item(name, 0, j)
         tries = 0
         while entry["question"].strip() in self._heldout_questions[name]:
@@ -230,7 +277,7 @@ class ReasoningTasks:
                     f"the task has too few distinct questions for heldout_size={self.heldout_size}"
                 )
             entry = self._item(name, 1, (j * 0x9E3779B1 + tries * 0x85EBCA77) % REGION)
-        return render(name, entry)
+        return render(name, entry, self.reasoning)
 
     def __getitem__(self, i: int) -> Example:
         return self.example(i)

@@ -106,7 +106,12 @@ def build_source(cfg: Config, split: str = "train"):
     d = cfg.data
     if d.source == "reasoning_gym":
         return ReasoningTasks(
-            d.tasks, seed=cfg.train.seed, split=split, heldout_size=d.heldout_size, task_kwargs=d.task_options
+            d.tasks,
+            seed=cfg.train.seed,
+            split=split,
+            heldout_size=d.heldout_size,
+            task_kwargs=d.task_options,
+            reasoning=d.reasoning,
         )
     if split != "train":
         return None
