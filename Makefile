@@ -20,6 +20,9 @@ test: setup
 
 demo: setup
 	$(BIN)/anychip train --run-dir runs/demo
+	$(BIN)/anychip grpo --init runs/demo --run-dir runs/demo-grpo
+	$(BIN)/anychip eval runs/demo
+	$(BIN)/anychip eval runs/demo-grpo
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -29,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/guards.py
+	$(BIN)/python bench/rollout.py
 
 soak: setup
 	$(BIN)/python bench/chaos_soak.py

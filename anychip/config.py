@@ -165,6 +165,7 @@ class GRPOConfig:
     overlong_filter: bool = False  # DAPO: truncated completions carry no loss
     overlong_buffer: int = 16  # L_cache of the "overlong" reward
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    seed: int = 0  # seed of the rollout sampler (the data split and prompt order follow train.seed)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anychip.config import load_config
-from anychip.train.loop import Hooks, train
+from anychip.train.loop import Hooks, build_source, train
 from anychip.train.runlog import read_jsonl
 
 # a fast run: debug-sized model, byte tokenizer, arithmetic, pretraining on every token
@@ -102,6 +102,27 @@ def test_eval_command_on_a_run(one_process):
     report = json.loads(r.stdout)
     assert report["n"] == 4 and report["tasks"] == ["basic_arithmetic"]
     assert report["accuracy"] == pytest.approx(state.eval.accuracy)
+    assert report["decoding"] == "greedy"
+    r = cli("eval", str(run), "--n", "4", "--max-new-tokens", "12", "--json", "--temperature", "1.0", "--samples", "3")
+    sampled = json.loads(r.stdout)
+    assert r.returncode == 0 and sampled["n"] == 4 and "3 samples" in sampled["decoding"]
+    assert 0 <= sampled["exact_accuracy"] <= sampled["accuracy"] <= 1
+
+
+def test_pass_at_1_averages_the_samples_of_each_problem(one_process):
+    from anychip.data import load_tokenizer
+    from anychip.eval import evaluate
+    from anychip.models import load_hf
+
+    run, _ = one_process
+    model, tok = load_hf(run / "final"), load_tokenizer("byte")
+    src = build_source(load_config(run / "config.toml"), "heldout")
+    examples = [src.example(i) for i in range(3)]
+    greedy = evaluate(model, tok, examples, 12)
+    assert evaluate(model, tok, examples, 12, samples_per_problem=5).correct == greedy.correct  # greedy: 1 sample
+    sampled = evaluate(model, tok, examples, 12, samples_per_problem=4, temperature=1.0, seed=1)
+    assert sampled.n == 3 and len(sampled.samples) == 5  # 12 completions scored, 5 kept for reading
+    assert sampled.correct == evaluate(model, tok, examples, 12, samples_per_problem=4, temperature=1.0, seed=1).correct
 
 
 def test_cli_print_config_and_errors(tmp_path):

@@ -20,7 +20,7 @@ where a step's batch comes from and what its loss is:
         add up to one big batch
 
 Every rank draws its own prompts (example ``k * world_size + rank`` of the train split, k
-counting up) and seeds its sampler from (seed, rollout, rank, round): a resumed run
+counting up) and seeds its sampler from (grpo.seed, rollout, rank, round): a resumed run
 samples exactly what the uninterrupted run would have.
 """
 
@@ -144,7 +144,7 @@ class RolloutBatches:
 
     def _sampler(self, rnd: int) -> torch.Generator:
         dev = self._policy_for_sampling().embed_tokens.weight.device
-        seed = (self.cfg.train.seed * 1_000_003 + self.stats["rollouts"] * 10_007 + self.world.rank * 101 + rnd) % 2**63
+        seed = (self.g.seed * 1_000_003 + self.stats["rollouts"] * 10_007 + self.world.rank * 101 + rnd) % 2**63
         return torch.Generator(device=dev).manual_seed(seed)
 
     def _policy_for_sampling(self):
@@ -191,7 +191,7 @@ class RolloutBatches:
         t0 = time.perf_counter()
         self._sync_rollout_model()
         want = g.prompts_per_step // world.world_size
-        kept: list[tuple] = []  # (example, prompt, completion tokens, Completion, reward, parts) per sequence
+        kept: list[tuple] = []  # (example, prompt, completion tokens, Completion, reward) per sequence
         seen = {"reward": 0.0, "n": 0, "groups": 0, "dropped": 0, "parts": {k: 0.0 for k in self.rewards.weights},
                 "correct": 0.0, "length": 0, "truncated": 0, "generated": 0, "prompt_tokens": 0}  # fmt: skip
         rnd = 0
