@@ -201,13 +201,18 @@ class MLA(nn.Module):
         a = self.args
         w = self.kv_b_proj.weight.view(a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk, w_uv = w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]
+        bsz, n_h, seqlen, _ = q_nope.shape
         q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, H, L, d_c]
-        scores = q_latent @ latent.unsqueeze(1).transpose(-1, -2) + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)
-        scores = scores.float() * self.softmax_scale  # [B, H, L, S]
+        # heads folded into the query rows: one batched GEMM per sequence against the cache
+        # as it lies in memory (broadcasting the cache over heads would copy it H times)
+        scores = torch.bmm(q_latent.reshape(bsz, n_h * seqlen, -1), latent.transpose(1, 2))
+        scores = scores + torch.bmm(q_rope.reshape(bsz, n_h * seqlen, -1), k_rope.transpose(1, 2))
+        scores = scores.view(bsz, n_h, seqlen, -1).float() * self.softmax_scale  # [B, H, L, S]
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        p = scores.softmax(dim=-1).to(latent.dtype)
-        return torch.einsum("bhtc,hvc->bhtv", p @ latent.unsqueeze(1), w_uv)  # [B, H, L, d_v]
+        p = scores.softmax(dim=-1).to(latent.dtype).view(bsz, n_h * seqlen, -1)
+        o_latent = torch.bmm(p, latent).view(bsz, n_h, seqlen, -1)
+        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # [B, H, L, d_v]
 
 
 # ---------------------------------------------------------------------------- FFN
