@@ -49,9 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import model_step  # noqa: E402  (bench/ is on sys.path when run as a script)
+from model_step import busy_cores, peer_kernel_note  # noqa: E402
+
 from anychip.data import ByteTokenizer, ReasoningTasks  # noqa: E402
 from anychip.generate import generate  # noqa: E402
-from anychip.models import DeepSeekV3, count_parameters, preset, save_hf  # noqa: E402
+from anychip.models import count_parameters, preset  # noqa: E402
 
 TASKS = ("basic_arithmetic", "chain_sum")
 CACHES = ("dynamic", "static")
@@ -101,26 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-# ---------------------------------------------------------------------------- machine
-
-
-def busy_cores(window: float = 0.5) -> float | None:
-    """Cores kept busy by anything (mostly other processes, as we sleep) over ``window`` s; None off Linux."""
-
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    try:
-        t0, i0 = snap()
-        time.sleep(window)
-        t1, i1 = snap()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
-
-
 # ---------------------------------------------------------------------------- prompts and models
 
 
@@ -143,34 +126,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def build_models(args, seed: int, experts_impl: str, tmp: Path):
-    """Ours (float32, ``init_weights(seed)``) and the peer loaded from its save_hf copy, both in eval mode."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    ours = DeepSeekV3(args)
-    ours.init_weights(seed=seed)
-    save_hf(ours, tmp / "hf")
-    peer = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        tmp / "hf", attn_implementation="sdpa", experts_implementation=experts_impl, dtype=torch.float32
-    )
+    """Ours (float32, ``init_weights(seed)``) and the peer loaded from its save_hf copy (as in
+    model_step.py), both in eval mode, the peer with its KV cache on."""
+    ours, peer = model_step.build_models(args, seed, experts_impl, tmp)
+    peer.config.use_cache = True
     # the config's default special ids (bos 0, eos 1) are bytes here: no eos, so nothing stops early
     peer.generation_config.eos_token_id = None
     peer.generation_config.bos_token_id = None
     return ours.eval(), peer.eval()
-
-
-def peer_kernel_note(peer, impl: str) -> str:
-    """Whether transformers' grouped_mm path reaches torch's kernel or its per-expert fallback loop."""
-    if impl != "grouped_mm":
-        return impl
-    from transformers.integrations import moe
-
-    exp = next(m for m in peer.modules() if type(m).__name__ == "DeepseekV3Experts")
-    x = torch.zeros(4, exp.gate_up_proj.shape[-1], dtype=exp.gate_up_proj.dtype)
-    offs = torch.tensor([4] * exp.gate_up_proj.shape[0], dtype=torch.int32)
-    native = moe._can_use_grouped_mm(x, exp.gate_up_proj.transpose(-2, -1), offs)
-    return "grouped_mm (torch grouped_mm kernel)" if native else "grouped_mm (transformers fallback loop)"
 
 
 def ours_kernel_note(dtype: torch.dtype) -> str:
