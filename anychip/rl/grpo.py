@@ -55,7 +55,7 @@ def prepare_policy(model) -> None:
         p.requires_grad_(False)
 
 
-def make_reference(model) -> torch.nn.Module | None:
+def make_reference(model) -> torch.nn.Module:
     """A frozen copy of the (unwrapped, unsharded) starting policy."""
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
@@ -96,13 +96,12 @@ class RolloutBatches:
     """Minibatches of sampled, scored completions, one per optimizer update; resumable at
     rollout boundaries (``state_dict``), which is where checkpoints fall."""
 
-    def __init__(self, state, source, ref: torch.nn.Module | None):
+    def __init__(self, state, source):
         self.state = state
         cfg = state.cfg
         self.g = cfg.grpo
         self.cfg = cfg
         self.source = source
-        self.ref = ref
         self.tokenizer = state.tokenizer
         self.world: World = state.world
         self.rewards = Rewards(self.g.rewards, source.score, self.g.max_new_tokens, self.g.overlong_buffer)
@@ -266,8 +265,10 @@ class RolloutBatches:
             policy.eval()
             batch["old_logp"] = token_logprobs(policy, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
             policy.train()
-        if self.ref is not None and g.beta:
-            batch["ref_logp"] = token_logprobs(self.ref, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
+        if self.state.ref_model is not None and g.beta:
+            batch["ref_logp"] = token_logprobs(
+                self.state.ref_model, ids.to(dev), targets.to(dev), micro, g.temperature
+            ).cpu()
         batch["forward_tokens"] = ids.numel() * (("old_logp" in batch) + ("ref_logp" in batch))
         return batch
 

@@ -209,7 +209,7 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     if rl:
         from ..rl.grpo import RolloutBatches
 
-        state.data = RolloutBatches(state, build_source(cfg, "train"), ref)
+        state.data = RolloutBatches(state, build_source(cfg, "train"))
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
