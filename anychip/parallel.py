@@ -90,6 +90,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def full_state_dict(model: nn.Module, world: World) -> dict:
+    """The model's full (unsharded) state dict on every rank, without a DDP "module." prefix."""
+    if not world.distributed:
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k.removeprefix("module."): v for k, v in full.items()}
+
+
 def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -77,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- machine
 
 
+def write_json(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def busy_cores(window: float = 0.5) -> float | None:
     """Cores kept busy by anything (mostly other processes, as we sleep) over ``window`` s; None off Linux."""
 
@@ -315,9 +321,7 @@ def main(argv=None) -> int:
             "busy_cores_before": busy,
             "busy_cores_after": busy_after,
         }  # fmt: skip
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        write_json(a.json, out)
     return 0
 
 

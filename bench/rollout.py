@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import model_step  # noqa: E402  (bench/ is on sys.path when run as a script)
-from model_step import busy_cores, peer_kernel_note  # noqa: E402
+from model_step import busy_cores, peer_kernel_note, write_json  # noqa: E402
 
 from anychip.data import ByteTokenizer, ReasoningTasks  # noqa: E402
 from anychip.generate import generate  # noqa: E402
@@ -321,9 +320,7 @@ def main(argv=None) -> int:
             "busy_cores_before": busy,
             "busy_cores_after": busy_after,
         }  # fmt: skip
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+        write_json(a.json, out)
     return 0
 
 

@@ -1,3 +1,7 @@
+import os
+import signal
+import subprocess
+
 import pytest
 import torch
 
@@ -42,3 +46,17 @@ def to_transformers(model: DeepSeekV3, path):
 @pytest.fixture
 def debug_args() -> ModelArgs:
     return preset("debug")
+
+
+def run_command(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (a launcher's
+    workers too, not only the launcher) and fail with the end of its stderr."""
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # fmt: skip
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(args, p.returncode, out, err)

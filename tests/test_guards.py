@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -42,15 +43,7 @@ def run_cli(run_dir: Path, *sets: str, timeout: float = 400) -> subprocess.Compl
     args = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
     for s in (*RUN, "parallel.max_restarts=3", *sets):
         args += ["--set", s]
-    p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only the launcher
-        out, err = p.communicate()
-        raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(args, p.returncode, out, err)
+    return run_command(args, ENV, timeout)
 
 
 def recovers_bit_identical(run: Path, reference: Path, *sets: str) -> None:

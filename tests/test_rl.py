@@ -4,13 +4,13 @@ kill and resume). TRL parity of the losses is in test_rl_trl_parity.py."""
 
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command
 from safetensors.torch import load_file
 
 from anychip.config import ConfigError, load_config
@@ -230,15 +230,7 @@ def cli(run_dir: Path, init: Path, *sets: str, timeout: float = 300) -> subproce
     args = [sys.executable, "-m", "anychip.cli", "grpo", "--init", str(init), "--run-dir", str(run_dir)]
     for s in (*GRPO, *sets):
         args += ["--set", s]
-    p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(args, p.returncode, out, err)
+    return run_command(args, ENV, timeout)
 
 
 def test_grpo_killed_and_resumed_ends_bit_identical(sft_run, tmp_path):

@@ -37,7 +37,7 @@ from ..data import Example
 from ..eval import never_generated
 from ..generate import generate
 from ..models import training_flops_per_token
-from ..parallel import World, all_reduce_sum, unwrap
+from ..parallel import World, all_reduce_sum, full_state_dict, unwrap
 from .losses import group_advantages, normalise, per_token_loss
 from .rewards import Completion, Rewards
 
@@ -61,16 +61,6 @@ def make_reference(model) -> torch.nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-def full_state(model, world: World) -> dict:
-    """The policy's full (unsharded) state dict on every rank."""
-    if not world.distributed:
-        return unwrap(model).state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k.removeprefix("module."): v for k, v in full.items()}
 
 
 @torch.no_grad()
@@ -155,7 +145,7 @@ class RolloutBatches:
     def _sync_rollout_model(self) -> None:
         if not (self.world.distributed and self.cfg.parallel.strategy == "fsdp"):
             return
-        full = full_state(self.state.model, self.world)
+        full = full_state_dict(self.state.model, self.world)
         if self._rollout_model is None:
             core = unwrap(self.state.model)
             from ..models import DeepSeekV3
@@ -385,5 +375,5 @@ def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) 
 def reset_reference(state) -> None:
     """The reference policy becomes the current policy (``grpo.ref_reset_interval``)."""
     if state.ref_model is not None:
-        state.ref_model.load_state_dict(full_state(state.model, state.world))
+        state.ref_model.load_state_dict(full_state_dict(state.model, state.world))
         state.log.event("reference_reset", step=state.step)

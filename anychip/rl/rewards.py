@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..data import Example, extract_answer
+from ..data import Example
 
 BUILT_IN = ("accuracy", "format", "overlong")
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -43,11 +43,8 @@ class Completion:
 
 
 def accuracy(examples: list[Example], completions: list[Completion], scorer: Callable) -> list[float]:
-    out = []
-    for ex, c in zip(examples, completions):
-        answer = extract_answer(c.text)
-        out.append(0.0 if answer is None else float(scorer(ex, c.text)))
-    return out
+    """``scorer(example, text)`` extracts the answer itself and gives 0 when the tags are missing."""
+    return [float(scorer(ex, c.text)) for ex, c in zip(examples, completions)]
 
 
 def format_reward(completions: list[Completion]) -> list[float]:

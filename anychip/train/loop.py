@@ -40,7 +40,7 @@ from ..export import load_init
 from ..guards import install as install_guards
 from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
 from ..models import DeepSeekV3, count_parameters, save_hf, training_flops_per_token
-from ..parallel import World, all_reduce_sum, close_world, init_world, parallelize, unwrap
+from ..parallel import World, all_reduce_sum, close_world, full_state_dict, init_world, parallelize, unwrap
 from .optim import build_optimizer, lr_at, set_lr
 from .runlog import RunLog, append_event, read_jsonl
 
@@ -502,11 +502,8 @@ def _full_model(state: TrainState) -> DeepSeekV3:
     core = unwrap(model)
     if not world.distributed:
         return core
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     plain = DeepSeekV3(core.args).to(state.device.torch_device(world.local_rank))
-    plain.load_state_dict({k.removeprefix("module."): v for k, v in full.items()})
+    plain.load_state_dict(full_state_dict(model, world))
     plain.materialize_counters()
     return plain
 
