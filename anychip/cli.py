@@ -1,4 +1,4 @@
-"""`anychip` command line: train, eval."""
+"""`anychip` command line: train, grpo, eval, export, goodput, qualify."""
 
 from __future__ import annotations
 
@@ -150,6 +150,41 @@ def _goodput(a: argparse.Namespace) -> int:
     return 0
 
 
+def _qualify(a: argparse.Namespace) -> int:
+    from .qualify.options import check_arguments, default_out, worker_argv
+    from .qualify.run import qualify
+
+    try:
+        check_arguments(a)
+    except ValueError as e:
+        raise ConfigError(f"anychip qualify: {e}") from None
+    a.out = a.out or default_out(a.device)
+    if a.nproc > 1:
+        code = _launch_qualify(a.nproc, worker_argv(a))
+    else:
+        code = 1 if qualify(a)["status"] == "fail" else 0
+    report = a.out / "qualify.json"
+    if not report.is_file():
+        print(f"anychip qualify: no report was written (exit {code})", file=sys.stderr)
+        return code or 1
+    status = json.loads(report.read_text())["status"]
+    print(f"qualify: {status.upper()}; report card: {a.out / 'qualify.md'}, {a.out / 'qualify.html'}")
+    return 1 if status == "fail" else 0
+
+
+def _launch_qualify(nproc: int, argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)  # fmt: skip
+    try:
+        elastic_launch(launch, entrypoint=sys.executable)("-m", "anychip.qualify.run", *argv)
+    except ChildFailedError:
+        return 1  # a failed check exits 1 on every rank; the report says which
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="anychip", description="vendor-neutral, fault-tolerant LLM training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("run_dir", type=Path)
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_goodput)
+    q = sub.add_parser("qualify", help="where a device computes differently from a reference, and where it is slow")
+    from .qualify.options import add_arguments
+
+    add_arguments(q)
+    q.set_defaults(fn=_qualify)
     a = p.parse_args(argv)
     from .device import DeviceError
     from .guards.base import GuardStop

@@ -114,6 +114,12 @@ class Device(abc.ABC):
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         """Dense peak FLOP/s of one device at `dtype`, or None when unknown (report MFU as n/a)."""
 
+    def peak_bandwidth(self) -> float | None:
+        """Peak memory bandwidth of one device in bytes/s, or None when unknown (from the device table)."""
+        from .flops import table_peak_bandwidth
+
+        return table_peak_bandwidth(self.name())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(type={self.type!r})"
 

@@ -13,8 +13,8 @@ import torch
 
 from .base import FLOAT_DTYPES, Device, check_rng_state, probe_fused_adamw
 
-# Measured matmul FLOP/s, keyed by (dtype, torch thread count): measured once per process.
-_MEASURED: dict[tuple[torch.dtype, int], float] = {}
+# Measured matmul FLOP/s and copy bandwidth, keyed by (dtype or "copy", torch thread count): measured once per process.
+_MEASURED: dict[tuple[torch.dtype | str, int], float] = {}
 
 
 class CpuDevice(Device):
@@ -97,7 +97,7 @@ class CpuDevice(Device):
 
     def peak_flops(self, dtype: torch.dtype) -> float | None:
         """Measured, not a datasheet figure: the best of 3 timed square matmuls at `dtype` after a warm-up,
-        with torch's current thread count, cached per (dtype, thread count) for this process.
+        in the faster of the layouts A @ A and A @ A^T, with torch's current thread count, cached per (dtype, thread count) for this process.
 
         The matrices are 2048x2048 unless the dtype is so slow here that one 2048 matmul would take
         seconds (float16 without hardware support): then the largest of 256/512/1024 whose next size
@@ -110,15 +110,39 @@ class CpuDevice(Device):
             _MEASURED[key] = _measure_matmul_flops(dtype)
         return _MEASURED[key]
 
+    def peak_bandwidth(self) -> float | None:
+        """Measured: the best of 3 copies of a 256 MiB float32 tensor (bytes read + written per second),
+        with torch's current thread count, cached per thread count for this process."""
+        key = ("copy", torch.get_num_threads())
+        if key not in _MEASURED:
+            _MEASURED[key] = _measure_copy_bandwidth()
+        return _MEASURED[key]
+
+
+def _measure_copy_bandwidth(mib: int = 256) -> float:
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: touches every page
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best  # read + write
+
 
 def _measure_matmul_flops(dtype: torch.dtype, max_n: int = 2048, budget_s: float = 0.5) -> float:
-    def timed_matmul(a: torch.Tensor) -> float:
+    def timed_matmul(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
         start = time.perf_counter()
-        torch.mm(a, a)
+        torch.mm(a, (a if plain else a.t()) if b is None else b)
         return time.perf_counter() - start
 
     n = 256
     a = torch.randn(n, n).to(dtype)
+    # the faster layout of the second operand: A @ A, or A @ A^T (nn.Linear's; 10x faster for float16
+    # on some CPUs)
+    timed_matmul(a, a)
+    plain = timed_matmul(a, a) <= timed_matmul(a, a.t())
     seconds = timed_matmul(a)  # warm-up at each size; it also tells whether the next size fits the budget
     while n < max_n and seconds * 8 <= budget_s:
         n *= 2

@@ -96,6 +96,32 @@ PEAKS: tuple[ChipPeak, ...] = (
 # per-dtype peaks). They report MFU as n/a until someone adds a sourced row.
 
 
+# Peak memory (HBM/GDDR) bandwidth per torch device in bytes/s, by the `chip` of the row above, for the
+# "% of peak" of memory-bound operations. Chips whose row covers variants with different memories (A100
+# 40 GB / 80 GB, A800) and chips without a published figure at hand (Ascend) are left out: n/a.
+BANDWIDTH: dict[str, tuple[float, str]] = {
+    "H100 NVL": (3.9e12, "NVIDIA H100 datasheet, H100 NVL column: 3.9 TB/s"),
+    "H100 PCIe": (2.0e12, "NVIDIA H100 datasheet, H100 PCIe column: 2 TB/s"),
+    "H100 SXM": (3.35e12, "NVIDIA H100 datasheet, H100 SXM column: 3.35 TB/s"),
+    "H200 NVL": (4.8e12, "NVIDIA H200 datasheet: 4.8 TB/s"),
+    "H200 SXM": (4.8e12, "NVIDIA H200 datasheet: 4.8 TB/s"),
+    "H800 PCIe": (2.0e12, "as H100 PCIe (same memory); well-known figure, not re-checked here"),
+    "H800 SXM": (3.35e12, "as H100 SXM (same memory); well-known figure, not re-checked here"),
+    "H20": (4.0e12, "NVIDIA H20 as widely reported: 4.0 TB/s; the brief itself was not available to check"),
+    "L40S": (864e9, "NVIDIA L40S datasheet: 864 GB/s"),
+    "GB200 (per GPU)": (8e12, "NVIDIA GB200 NVL72 spec, per GPU: up to 8 TB/s"),
+    "B200 (HGX)": (8e12, "NVIDIA HGX B200 spec: 64 TB/s for 8 GPUs"),
+    "MI325X": (6.0e12, "AMD Instinct MI325X spec: 6 TB/s; well-known figure, not re-checked here"),
+    "MI300X": (5.3e12, "AMD Instinct MI300X datasheet: 5.3 TB/s; well-known figure, not re-checked here"),
+}
+
+
+def table_peak_bandwidth(product_name: str) -> float | None:
+    """Peak memory bandwidth (bytes/s) of the named product, or None if not listed."""
+    row = lookup(product_name)
+    return BANDWIDTH[row.chip][0] if row is not None and row.chip in BANDWIDTH else None
+
+
 def lookup(product_name: str) -> ChipPeak | None:
     """The first row whose pattern occurs in `product_name`, or None."""
     for row in PEAKS:
