@@ -24,6 +24,9 @@ BUS_FACTOR = {
     "reduce_scatter": lambda n: (n - 1) / n,
     "all_to_all": lambda n: (n - 1) / n,
 }
+# torch 2.13 renamed them (the old names warn); older torch has only the old names
+_ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def run_collectives(
@@ -72,10 +75,10 @@ def _collective(name: str, x: torch.Tensor, device: Device, world: int, budget_s
             dist.all_reduce(out)
         elif name == "all_gather":
             out = x.new_empty(x.numel() * world)
-            dist.all_gather_into_tensor(out, x)
+            _ALL_GATHER(out, x)
         elif name == "reduce_scatter":
             out = x.new_empty(x.numel() // world)
-            dist.reduce_scatter_tensor(out, x)
+            _REDUCE_SCATTER(out, x)
         else:
             out = torch.empty_like(x)
             dist.all_to_all_single(out, x)
