@@ -32,7 +32,7 @@ VENDOR_CLASSES = [CudaDevice, NpuDevice, XpuDevice, MpsDevice, CpuDevice]
 API = [
     "type", "torch_device", "set_current", "dist_backend", "device_count", "supports_dtype", "autocast_dtype",
     "synchronize", "memory_stats", "reset_peak_memory", "manual_seed", "rng_state", "set_rng_state", "name",
-    "peak_flops", "fused_adamw", "is_available", "unavailable_reason",
+    "peak_flops", "peak_bandwidth", "fused_adamw", "is_available", "unavailable_reason",
 ]  # fmt: skip
 
 
@@ -254,6 +254,8 @@ def test_accelerator_calls_its_module_correctly(monkeypatch, cls, real_module, p
     assert not device.supports_dtype(torch.int64)
     assert device.autocast_dtype() == torch.bfloat16
     assert device.name() == product
+    # peak memory bandwidth from the table by the product name (none published here for Max 1550, Ascend)
+    assert device.peak_bandwidth() == {CudaDevice: 3.35e12, XpuDevice: None, NpuDevice: None}[cls]
     if has_device_type:
         assert device.fused_adamw() and device.fused_adamw()
         assert probed == [torch.device(cls.type, 1)]  # probed once, on the current device

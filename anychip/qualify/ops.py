@@ -125,7 +125,8 @@ def _router(args: ModelArgs):
     def run(x, weight, bias):
         gate = _meta(Gate, args)
         weights, indices, scores = functional_call(gate, {"weight": weight, "e_score_correction_bias": bias}, (x,))
-        return scores, weights, indices
+        order = indices.argsort(dim=-1)  # top-k order is unspecified: compare gate values expert by expert
+        return scores, weights.gather(1, order), indices.gather(1, order)
 
     return run
 

@@ -45,6 +45,8 @@ def card(r: dict) -> list[Block]:
               f"{r['date']}, torch {r['software']['torch']}, {r['software']['threads']} threads, "
               f"world size {r['world_size']}."),
         ("p", f"Model shapes: {shapes}."),
+        ("p", f"Peaks used for % of peak ({t['peak_source']}): " + _peaks(t) + "."),
+        ("p", f"Command: `{r['command']}`"),
     ]  # fmt: skip
     if t["type"] == ref["type"]:
         blocks.append(("p", "The reference is the target's own device type, so the error ratios are 1 unless a "
@@ -79,6 +81,12 @@ def card(r: dict) -> list[Block]:
     blocks += _limits_blocks(r)
     blocks += [("h2", "Operations"), ("table", ["op", "what"], _what(first))]
     return blocks
+
+
+def _peaks(device: dict) -> str:
+    flops = [f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in device["peak_flops"].items() if v]
+    bandwidth = device["peak_bandwidth"]
+    return ", ".join(flops + [f"memory {bandwidth / 1e9:.3g} GB/s" if bandwidth else "memory n/a"]) or "n/a"
 
 
 def rank_status(rank: dict) -> str:

@@ -69,7 +69,7 @@ def _qualify(a, target: Device, reference: Device, rank: int, world_size: int) -
         ranks = [mine]
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "anychip qualify " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("anychip") else None,
+        "command": ("anychip " if sys.argv[0].endswith("anychip") else "anychip qualify ") + " ".join(sys.argv[1:]),
         "target": _describe(target), "reference": _describe(reference),
         "model": {"preset": None if a.init else a.preset, "init": str(a.init) if a.init else None,
                   "hidden_size": args.hidden_size, "layers": args.num_hidden_layers,
