@@ -12,7 +12,7 @@ from ..device import Device
 from ..models.deepseek.args import ModelArgs
 from .faults import inject
 from .numerics import error_ratio, errors, float64_truth, judge
-from .ops import OpCase, Shape, cases, expert_agreement
+from .ops import Shape, cases, expert_agreement
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -33,17 +33,17 @@ def run_ops(
         raise ValueError(
             f"unknown op(s) {', '.join(sorted(unknown))}; the suite has {', '.join(c.name for c in suite)}"
         )
-    for case in suite:
+    ref_suite = cases(args, fused_adamw=reference.fused_adamw())  # AdamW as training on the reference
+    for case, ref_case in zip(suite, ref_suite, strict=True):
         if only and case.name not in only:
             continue
-        ref_case = cases(args, fused_adamw=reference.fused_adamw())[suite.index(case)]
         gen = torch.Generator().manual_seed(seed)
         inputs64 = case.make(args, shape, gen)
         for dtype in case.dtypes:
-            if dtype not in dtypes or not target.supports_dtype(dtype):
+            if dtype not in dtypes or not (target.supports_dtype(dtype) and reference.supports_dtype(dtype)):
                 continue
             rounded = [_round(x, dtype, i in case.keep_fp32) for i, x in enumerate(inputs64)]
-            with torch.no_grad() if not _needs_grad(case) else torch.enable_grad(), float64_truth():
+            with torch.enable_grad(), float64_truth():  # backward ops make their own leaves
                 truth = case.run(*[x.to(torch.float64) if x.is_floating_point() else x for x in rounded])
             with inject(fault):
                 got, t_time = _run_timed(case.run, rounded, target, t_dev, time_budget_s)
@@ -55,10 +55,6 @@ def run_ops(
     return rows
 
 
-def _needs_grad(case: OpCase) -> bool:
-    return case.name in ("sdpa", "cross_entropy")
-
-
 def _round(x: torch.Tensor, dtype: torch.dtype, keep_fp32: bool) -> torch.Tensor:
     if not x.is_floating_point():
         return x
@@ -68,8 +64,7 @@ def _round(x: torch.Tensor, dtype: torch.dtype, keep_fp32: bool) -> torch.Tensor
 def _run_timed(fn, inputs, device: Device, where: torch.device, budget_s: float):
     """(result of the first call, median seconds of the timed calls after it)."""
     on_device = [x.to(where) for x in inputs]
-    grad = torch.enable_grad() if any(x.is_floating_point() for x in on_device) else torch.no_grad()
-    with grad:
+    with torch.enable_grad():
         out = tuple(t.detach() for t in fn(*on_device))
         device.synchronize()
         times: list[float] = []
