@@ -23,6 +23,8 @@ demo: setup
 	$(BIN)/anychip grpo --init runs/demo --run-dir runs/demo-grpo
 	$(BIN)/anychip eval runs/demo
 	$(BIN)/anychip eval runs/demo-grpo
+	$(BIN)/anychip report runs/demo
+	$(BIN)/anychip report runs/demo-grpo
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,4 +1,4 @@
-"""`anychip` command line: train, grpo, eval, export, goodput, qualify."""
+"""`anychip` command line: train, grpo, eval, export, goodput, report, status, qualify."""
 
 from __future__ import annotations
 
@@ -150,6 +150,23 @@ def _goodput(a: argparse.Namespace) -> int:
     return 0
 
 
+def _report(a: argparse.Namespace) -> int:
+    from .report.page import write_report
+
+    path = write_report(a.run_dir, a.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    from .report.run import load_run
+    from .report.status import print_status
+
+    run = load_run(a.run_dir)
+    print_status(run, as_json=a.json)
+    return 0
+
+
 def _qualify(a: argparse.Namespace) -> int:
     from .qualify.options import check_arguments, default_out, worker_argv
     from .qualify.run import qualify
@@ -235,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("run_dir", type=Path)
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_goodput)
+    rp = sub.add_parser("report", help="one self-contained HTML page of a run: loss, speed, experts, faults, goodput")
+    rp.add_argument("run_dir", type=Path)
+    rp.add_argument("--out", type=Path, help="the HTML file (default RUN_DIR/report.html)")
+    rp.set_defaults(fn=_report)
+    st = sub.add_parser("status", help="a run's summary in the terminal (also while it runs)")
+    st.add_argument("run_dir", type=Path)
+    st.add_argument("--json", action="store_true", help="print the summary as JSON")
+    st.set_defaults(fn=_status)
     q = sub.add_parser("qualify", help="where a device computes differently from a reference, and where it is slow")
     from .qualify.options import add_arguments
 

@@ -98,6 +98,7 @@ class TrainState:
     heartbeat: object = None  # the hang watchdog's heartbeat writer (anychip.guards.heartbeat)
     metrics: dict = field(default_factory=dict)
     extra_metrics: dict = field(default_factory=dict)  # guards' figures for the step in progress
+    expert_tokens: torch.Tensor | None = None  # tokens per expert [MoE layers, N_r] since the last log line
     eval: EvalResult | None = None
     ref_model: torch.nn.Module | None = None  # GRPO: the frozen reference policy (checkpointed)
 
@@ -333,6 +334,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         }
         state.extra_metrics = {}
         log.metrics(step, state.metrics)
+        state.expert_tokens = loads if state.expert_tokens is None else state.expert_tokens + loads
         if rl and cfg.grpo.ref_reset_interval and step % cfg.grpo.ref_reset_interval == 0:
             reset_reference(state)
         if checkpoint_due(cfg, step):
@@ -340,6 +342,8 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         hooks("after_step", state)
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
+            log.expert_load(step, state.expert_tokens)  # for the report's heatmaps
+            state.expert_tokens = None
             m = state.metrics
             mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
             if rl:

@@ -1,6 +1,7 @@
 """What a run leaves behind: ``events.jsonl`` (append-only: start, end, and later every
-checkpoint and fault), ``metrics.jsonl`` (one line per logged step), TensorBoard
-scalars, and the terminal view (a rich progress bar on a terminal, plain lines otherwise).
+checkpoint and fault), ``metrics.jsonl`` (one line per step), ``experts.jsonl`` (tokens
+routed to each expert of each MoE layer, per log interval), TensorBoard scalars, and the
+terminal view (a rich progress bar on a terminal, plain lines otherwise).
 Only rank 0 writes; other ranks get a RunLog that does nothing."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._events = open(self.run_dir / "events.jsonl", "a")
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+        self._experts = open(self.run_dir / "experts.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -66,6 +68,14 @@ class RunLog:
                 if isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
 
+    def expert_load(self, step: int, tokens) -> None:
+        """Tokens routed to each expert ([MoE layers, N_r]) over the steps since the last call."""
+        if not self.active or tokens is None or tokens.numel() == 0:
+            return
+        rows = [[round(float(x)) for x in layer] for layer in tokens.cpu()]
+        self._experts.write(json.dumps({"step": step, "time": time.time(), "tokens": rows}) + "\n")
+        self._experts.flush()
+
     def advance(self, step: int, status: str) -> None:
         if self.active and self._progress is not None:
             self._progress.update(self._task, completed=step, status=status)
@@ -83,3 +93,4 @@ class RunLog:
             self._tb.close()
         self._events.close()
         self._metrics.close()
+        self._experts.close()

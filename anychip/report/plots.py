@@ -1,0 +1,226 @@
+"""The report's figures, drawn with matplotlib and returned as inline SVG (text kept as text, so the
+page is searchable and needs no network). Each function returns None when the run has nothing to show."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+from .run import Run  # noqa: E402
+
+plt.rcParams.update({
+    "svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+    "axes.spines.right": False, "figure.dpi": 100, "svg.hashsalt": "anychip",  # same run, same file
+})  # fmt: skip
+WIDE = (9.0, 3.0)
+COLORS = {"productive": "#4c72b0", "recomputed": "#dd8452", "checkpoint": "#55a868", "fault": "#c44e52",
+          "detected": "#ff9f1c", "restart": "#8172b3", "rollback": "#937860", "stall": "#55a868",
+          "start-up": "#8172b3"}  # fmt: skip
+
+
+def to_svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG sits inside HTML
+
+
+def _lines(ax, run: Run, keys: list[str], labels: list[str] | None = None, logy: bool = False,
+           smooth: bool = True) -> bool:  # fmt: skip
+    """One line per metric; long noisy series are drawn faint with their running mean on top."""
+    drawn = False
+    for key, label in zip(keys, labels or keys):
+        steps, values = run.series(key)
+        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+        if not finite:
+            continue
+        xs, ys = zip(*finite)
+        if smooth and len(xs) >= 60:
+            (raw,) = ax.plot(xs, ys, lw=0.7, alpha=0.3)
+            ax.plot(xs, running_mean(ys, len(ys) // 30), lw=1.4, color=raw.get_color(), label=label)
+        else:
+            ax.plot(xs, ys, label=label, lw=1.2, marker="o" if len(xs) < 30 else None, ms=3)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        if logy and all(v > 0 for k in keys for v in run.series(k)[1]):
+            ax.set_yscale("log")
+        if len(keys) > 1:
+            ax.legend(loc="best", frameon=False, fontsize=7)
+    return drawn
+
+
+def running_mean(values, window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _rollbacks(ax, run: Run) -> None:
+    for e in run.events:
+        if e["event"] == "rollback":
+            ax.axvline(e["from_step"], color=COLORS["rollback"], ls=":", lw=1)
+            ax.annotate(f"rollback to {e['to_step']}", (e["from_step"], 1), xycoords=("data", "axes fraction"),
+                        fontsize=7, color=COLORS["rollback"], rotation=90, va="top", ha="right")  # fmt: skip
+
+
+def loss(run: Run) -> str | None:
+    fig, ax = plt.subplots(figsize=WIDE)
+    keys = [k for k in ("loss", "lm_loss", "mtp_loss") if run.series(k)[1]]
+    if not _lines(ax, run, keys, logy=not run.is_grpo):
+        plt.close(fig)
+        return None
+    _rollbacks(ax, run)
+    title = "policy loss" if run.is_grpo else "training loss"
+    if run.eval:
+        title += f" (held-out accuracy after training: {run.eval['accuracy']:.1%})"
+    ax.set_title(title)
+    return to_svg(fig)
+
+
+def optimizer(run: Run) -> str | None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=WIDE)
+    shown = _lines(a, run, ["lr"], smooth=False)
+    a.set_title("learning rate")
+    shown |= _lines(b, run, ["grad_norm"], logy=True)
+    b.set_title("gradient norm (before clipping)")
+    if not shown:
+        plt.close(fig)
+        return None
+    return to_svg(fig)
+
+
+def speed(run: Run) -> str | None:
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(9.0, 2.8))
+    shown = _lines(a, run, ["tokens_per_s"])
+    a.set_title("tokens/s")
+    if _lines(b, run, ["mfu"]):
+        b.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        shown = True
+    b.set_title("MFU")
+    shown |= _lines(c, run, ["memory_peak_gb"], smooth=False)
+    c.set_title("peak memory (GiB)")
+    if not shown:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    return to_svg(fig)
+
+
+def grpo(run: Run) -> str | None:
+    if not run.is_grpo:
+        return None
+    components = sorted({k for m in run.metrics for k in m if k.startswith("reward/")})
+    fig, axes = plt.subplots(1, 3, figsize=(9.0, 2.8))
+    _lines(axes[0], run, ["reward", *components], ["reward", *(c.removeprefix("reward/") for c in components)])
+    axes[0].set_title("reward (mean over completions)")
+    _lines(axes[1], run, ["accuracy"])
+    axes[1].set_title("rollout accuracy")
+    _lines(axes[2], run, ["kl", "entropy"])
+    axes[2].set_title("KL to the reference, entropy")
+    fig.tight_layout()
+    return to_svg(fig)
+
+
+def expert_load(run: Run, max_layers: int = 12) -> str | None:
+    """Per MoE layer: tokens per expert over time relative to the layer's mean (1 = balanced)."""
+    by_step = {r["step"]: r for r in run.experts if r.get("tokens")}  # after a restart, the last record counts
+    records = [by_step[s] for s in sorted(by_step)]
+    if not records:
+        return None
+    n_layers = len(records[0]["tokens"])
+    records = [r for r in records if len(r["tokens"]) == n_layers]
+    layers = list(range(n_layers))
+    if n_layers > max_layers:  # evenly spaced, first and last included
+        layers = sorted({round(i * (n_layers - 1) / (max_layers - 1)) for i in range(max_layers)})
+    edges = [0] + [r["step"] for r in records]
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(9.0, 1.9 * rows + 0.4), squeeze=False, sharex=True)
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
+    image = None
+    for ax, layer in zip(axes.flat, layers):
+        grid = []
+        for r in records:
+            tokens = r["tokens"][layer]
+            mean = sum(tokens) / len(tokens) if tokens else 0
+            grid.append([t / mean if mean else 1.0 for t in tokens])
+        experts = list(range(len(grid[0]) + 1))
+        image = ax.pcolormesh(edges, experts, list(map(list, zip(*grid))), cmap="RdBu_r", norm=norm)
+        ax.set_title(f"MoE layer {layer + 1} of {n_layers}", fontsize=8)
+        ax.set_ylabel("expert")
+        ax.grid(False)
+    for ax in axes.flat[len(layers) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="tokens / layer mean")
+    return to_svg(fig)
+
+
+def timeline(run: Run) -> str | None:
+    """Step against wall time, with every start, checkpoint, fault, detection and rollback marked, and the
+    split of wall time that goodput is made of."""
+    starts = [e["time"] for e in run.events if e["event"] == "run_start"]
+    if not starts:
+        return None
+    t0 = starts[0]
+    g = run.goodput
+    fig, (ax, bar) = plt.subplots(2, 1, figsize=(9.0, 4.2), height_ratios=[4, 1])
+    last_index = {m["step"]: i for i, m in enumerate(run.metrics)}
+    for kind, keep in (("productive", True), ("recomputed", False)):
+        pts = [(m["time"] - t0, m["step"]) for i, m in enumerate(run.metrics) if (last_index[m["step"]] == i) == keep]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, s=4, color=COLORS[kind], label=f"{kind} steps", zorder=3)
+    top = max([m["step"] for m in run.metrics], default=1)
+    for i, t in enumerate(starts):
+        ax.axvline(t - t0, color=COLORS["restart"], ls="--", lw=1, label="start / restart" if i == 0 else None)
+    commits = [e for e in run.events if e["event"] == "checkpoint_commit"]
+    if commits:
+        ax.scatter([e["time"] - t0 for e in commits], [e["step"] for e in commits], marker="|", s=60,
+                   color=COLORS["checkpoint"], label="checkpoint committed", zorder=4)  # fmt: skip
+    for j, f in enumerate(g.faults):
+        step = f["step"] if f["step"] is not None else 0
+        ax.scatter([f["time"] - t0], [step], marker="x", s=40, color=COLORS["fault"], zorder=5,
+                   label="fault (injected or detected)" if j == 0 else None)  # fmt: skip
+        ax.annotate(f["kind"], (f["time"] - t0, step), fontsize=7, color=COLORS["fault"], xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+        if f["detected_at"] is not None and f["injected"]:
+            ax.scatter([f["detected_at"] - t0], [step], marker="v", s=25, color=COLORS["detected"], zorder=5,
+                       label="detected" if j == 0 else None)  # fmt: skip
+        if f["lost_s"]:
+            ax.axvspan(f["time"] - t0, f["time"] - t0 + f["lost_s"], color=COLORS["fault"], alpha=0.08, lw=0)
+    for e in run.events:
+        if e["event"] == "rollback":
+            ax.annotate("", (e["time"] - t0, e["to_step"]), (e["time"] - t0, e["from_step"]),
+                        arrowprops={"arrowstyle": "->", "color": COLORS["rollback"]})  # fmt: skip
+    ax.set_ylim(0, top * 1.05 + 1)
+    ax.set_xlabel("seconds since the first start")
+    ax.set_ylabel("step")
+    ax.set_title(f"goodput timeline: {g.ratio:.1%} of {g.wall_s:.0f} s productive")
+    ax.legend(loc="upper left", frameon=False, fontsize=7)
+    parts = [("productive", g.productive_s), ("recomputed", g.recomputed_s), ("stall", g.checkpoint_stall_s),
+             ("start-up", g.restart_s)]  # fmt: skip
+    left = 0.0
+    for name, seconds in parts:
+        bar.barh([0], [seconds], left=left, color=COLORS[name], label=f"{name} {seconds:.1f} s")
+        left += seconds
+    bar.set_yticks([])
+    bar.set_xlabel("wall time (s): productive steps, recomputed steps, checkpoint stalls, restarts and start-up")
+    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=4, frameon=False, fontsize=7)
+    bar.grid(False)
+    fig.tight_layout()
+    return to_svg(fig)

@@ -1,0 +1,101 @@
+"""The figures of a run that fit in one table: what ran where, how far it got, how fast, how much time
+faults cost. Shared by `anychip status` and the head of `anychip report`."""
+
+from __future__ import annotations
+
+import datetime
+from statistics import median
+
+from .run import Run
+
+
+def overview(run: Run) -> list[tuple[str, str]]:
+    """(label, value) rows, in reading order; values already formatted."""
+    cfg, start, g = run.config, run.start, run.goodput
+    model, train, par = cfg.get("model", {}), cfg.get("train", {}), cfg.get("parallel", {})
+    state = run.state + (f": {run.state_detail}" if run.state_detail else "")
+    total = run.total_steps
+    rows = [
+        ("run", str(run.path)),
+        ("state", state),
+        ("progress", f"step {run.last_step}" + (f" of {total} ({run.last_step / total:.0%})" if total else "")),
+        ("started", _when(start.get("time"))),
+        ("recipe", f"{train.get('mode', '?')}" + (f", init from {model['init_from']}" if model.get("init_from") else "")),
+        ("model", _model(model, start)),
+        ("batch", f"{train.get('global_batch', '?')} sequences x {train.get('seq_len', '?')} tokens, "
+                  f"lr {train.get('lr', '?')}, dtype {train.get('dtype', '?')}"),
+        ("device", f"{start.get('device_name', '?')} ({start.get('device', '?')})"),
+        ("world size", f"{start.get('world_size', par.get('nproc', '?'))}, {start.get('strategy', par.get('strategy', '?'))}"),
+        ("software", f"torch {start.get('torch', '?')}, python {start.get('python', '?')}"),
+        ("wall time", _duration(g.wall_s)),
+        ("goodput", f"{g.ratio:.1%} (productive {_duration(g.productive_s)}, recomputed {_duration(g.recomputed_s)}, "
+                    f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts and start-up {_duration(g.restart_s)})"),
+        ("restarts", str(g.restarts)),
+        ("faults", ", ".join(f"{k} {v['count']}" for k, v in g.fault_summary.items()) or "none"),
+        ("rollbacks", str(sum(e["event"] == "rollback" for e in run.events))),
+        ("checkpoints", _checkpoints(run)),
+    ]  # fmt: skip
+    rows += _figures(run)
+    if run.eval:
+        rows.append(("held-out accuracy", f"{run.eval['accuracy']:.1%} ({run.eval.get('correct', 0):g}/"
+                                          f"{run.eval.get('n', '?')}; exactly right {run.eval.get('exact_accuracy', 0):.1%})"))  # fmt: skip
+    return rows
+
+
+def fault_rows(run: Run) -> list[list[str]]:
+    """Per fault kind: count, injected, detected, median detection latency, time lost."""
+    out = []
+    for kind, s in run.goodput.fault_summary.items():
+        latency = "-" if s["median_latency_s"] is None else f"{s['median_latency_s']:.2f} s"
+        lost = "-" if s["lost_s"] is None else _duration(s["lost_s"])
+        out.append([kind, str(s["count"]), str(s["injected"]), str(s["detected"]), latency, lost])
+    return out
+
+
+def _figures(run: Run) -> list[tuple[str, str]]:
+    rows = []
+    steps, loss = run.series("loss")
+    if loss:
+        rows.append(("loss", f"{loss[0]:.4g} at step {steps[0]} -> {loss[-1]:.4g} at step {steps[-1]}"))
+    if run.is_grpo:
+        for key in ("reward", "accuracy", "kl"):
+            s, v = run.series(key)
+            if v:
+                rows.append((key, f"{v[0]:.4g} -> {v[-1]:.4g} (last 10 steps: {_mean(v[-10:]):.4g})"))
+    for key, label, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
+                            ("step_time", "step time", "{:.3f} s"), ("memory_peak_gb", "peak memory", "{:.2f} GiB")):  # fmt: skip
+        _, v = run.series(key)
+        if v:
+            value = max(v) if key == "memory_peak_gb" else median(v)
+            rows.append((label, ("" if key == "memory_peak_gb" else "median ") + fmt.format(value)))
+    return rows
+
+
+def _model(model: dict, start: dict) -> str:
+    size = ""
+    if start.get("parameters"):
+        size = f", {start['parameters']:,} parameters ({start.get('activated', 0):,} active)"
+    return f"{model.get('preset', '?')}{size}"
+
+
+def _checkpoints(run: Run) -> str:
+    commits = [e for e in run.events if e["event"] == "checkpoint_commit"]
+    if not commits:
+        return "none"
+    return f"{len(commits)} committed, newest at step {commits[-1]['step']}"
+
+
+def _when(t: float | None) -> str:
+    return "?" if t is None else datetime.datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
