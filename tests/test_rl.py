@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from anychip.config import ConfigError, load_config
 from anychip.data import ReasoningTasks
+from anychip.report.page import render
+from anychip.report.run import load_run
+from anychip.report.summary import overview
 from anychip.rl.losses import group_advantages, k3_kl, normalise, per_token_loss, policy_loss
 from anychip.rl.rewards import Completion, Rewards, format_reward, load_function, overlong
 from anychip.train.loop import Hooks, train
@@ -201,6 +204,10 @@ def test_grpo_run_logs_what_train_logs_and_raises_the_reward(sft_run, tmp_path):
     assert events.count("checkpoint_commit") == 1 + 12 and events[-1] == "run_end"  # step 0, then every 2
     assert (tmp_path / "g" / "final" / "model.safetensors").is_file()
     assert state.step == 24
+    run = load_run(tmp_path / "g")  # the report of a GRPO run shows its rewards
+    assert run.is_grpo and dict(overview(run))["reward"].startswith(f"{metrics[0]['reward']:.4g} -> ")
+    page = render(run)
+    assert "<h2>Reinforcement learning</h2>" in page and "rl_rewards:ascii_share" in page
 
 
 def test_dynamic_sampling_drops_all_equal_groups(sft_run, tmp_path):

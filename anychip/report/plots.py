@@ -159,7 +159,9 @@ def expert_load(run: Run, max_layers: int = 12) -> str | None:
             grid.append([t / mean if mean else 1.0 for t in tokens])
         experts = list(range(len(grid[0]) + 1))
         image = ax.pcolormesh(edges, experts, list(map(list, zip(*grid))), cmap="RdBu_r", norm=norm)
-        ax.set_title(f"MoE layer {layer + 1} of {n_layers}", fontsize=8)
+        names = records[-1].get("layers") or []
+        name = names[layer] if len(names) == n_layers else f"MoE layer {layer + 1}"
+        ax.set_title(f"{name} (MoE {layer + 1} of {n_layers})", fontsize=8)
         ax.set_ylabel("expert")
         ax.grid(False)
     for ax in axes.flat[len(layers) :]:

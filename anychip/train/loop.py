@@ -342,7 +342,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         hooks("after_step", state)
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
-            log.expert_load(step, state.expert_tokens)  # for the report's heatmaps
+            log.expert_load(step, state.expert_tokens, core.moe_layer_names())  # the report's heatmaps
             state.expert_tokens = None
             m = state.metrics
             mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"

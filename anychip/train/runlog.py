@@ -68,12 +68,14 @@ class RunLog:
                 if isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
 
-    def expert_load(self, step: int, tokens) -> None:
-        """Tokens routed to each expert ([MoE layers, N_r]) over the steps since the last call."""
+    def expert_load(self, step: int, tokens, layers: list[str]) -> None:
+        """Tokens routed to each expert ([MoE layers, N_r]) over the steps since the last call, and the
+        names of those layers."""
         if not self.active or tokens is None or tokens.numel() == 0:
             return
         rows = [[round(float(x)) for x in layer] for layer in tokens.cpu()]
-        self._experts.write(json.dumps({"step": step, "time": time.time(), "tokens": rows}) + "\n")
+        record = {"step": step, "time": time.time(), "layers": layers, "tokens": rows}
+        self._experts.write(json.dumps(record) + "\n")
         self._experts.flush()
 
     def advance(self, step: int, status: str) -> None:

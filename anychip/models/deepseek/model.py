@@ -488,6 +488,10 @@ class DeepSeekV3(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def moe_layer_names(self) -> list[str]:
+        """The blocks that hold the MoE layers, in ``moe_layers()`` order ("layers.1", ..., "mtp.0.block")."""
+        return [name.removesuffix(".mlp") for name, m in self.named_modules() if isinstance(m, MoE)]
+
     # -- forward ---------------------------------------------------------------------
 
     def hidden_states(
