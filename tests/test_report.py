@@ -151,7 +151,9 @@ def test_a_single_step_run(tmp_path, capsys):
 
 def test_status_and_report_of_a_run_that_is_still_going(tmp_path):
     run_dir = tmp_path / "live"
-    p = subprocess.Popen(cli_args(run_dir, "train.steps=100000", "checkpoint.interval=50"), env=ENV,
+    # in this process group (no elastic agent, whose workers would outlive the kill below)
+    sets = ("train.steps=100000", "checkpoint.interval=50", "parallel.max_restarts=0")
+    p = subprocess.Popen(cli_args(run_dir, *sets), env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 120
