@@ -213,6 +213,29 @@ def test_cli_fails_on_an_injected_fault_and_names_it(tmp_path, capsys):
     assert "fail" in _parse_html(tmp_path / "qualify.html").cells
 
 
+def test_cli_takes_shapes_and_weights_from_a_run(tmp_path):
+    from anychip.config import load_config
+    from anychip.export import load_init
+    from anychip.train.loop import train
+
+    sets = ["model.preset=debug", "model.n_routed_experts=4", "model.n_group=1", "model.topk_group=1",
+            "train.steps=2", "train.global_batch=2", "train.seq_len=16", "eval.n=0", "log.tensorboard=false",
+            "checkpoint.interval=0", "parallel.max_restarts=0"]  # fmt: skip
+    train(load_config(None, sets), tmp_path / "run")
+    out = tmp_path / "card"
+    argv = [*QUICK, "--init", str(tmp_path / "run"), "--dtypes", "float32", "--parity-dtypes", "float32"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "qualify.json").read_text())
+    assert report["model"]["init"] == str(tmp_path / "run") and report["model"]["experts"] == 4  # the run's shape
+    router = next(r for r in report["ranks"][0]["ops"] if r["op"] == "moe_router")
+    assert "top-2 of 4 experts" in router["what"]
+    loss = report["ranks"][0]["parity"][0]["per_step"][0]["loss"]["float64"]
+    # the run's weights, not a fresh initialisation of its shape
+    args = load_init(str(tmp_path / "run")).args
+    fresh = step_parity(CPU, CPU, args, torch.float32, steps=1, batch=2, seq=16)
+    assert loss != fresh["per_step"][0]["loss"]["float64"]
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [(["--dtypes", "float8"], "--dtypes 'float8': unknown dtype(s) float8"),
