@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from .run import Run  # noqa: E402
 
@@ -24,7 +25,11 @@ COLORS = {"productive": "#4c72b0", "recomputed": "#dd8452", "checkpoint": "#55a8
           "start-up": "#8172b3"}  # fmt: skip
 
 
-def to_svg(fig) -> str:
+def to_svg(fig, drawn: bool = True) -> str | None:
+    """The figure as an SVG element (None, and the figure closed, when nothing was drawn)."""
+    if not drawn:
+        plt.close(fig)
+        return None
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
@@ -80,8 +85,7 @@ def loss(run: Run) -> str | None:
     fig, ax = plt.subplots(figsize=WIDE)
     keys = [k for k in ("loss", "lm_loss", "mtp_loss") if run.series(k)[1]]
     if not _lines(ax, run, keys, logy=not run.is_grpo):
-        plt.close(fig)
-        return None
+        return to_svg(fig, drawn=False)
     _rollbacks(ax, run)
     title = "policy loss" if run.is_grpo else "training loss"
     if run.eval:
@@ -96,10 +100,7 @@ def optimizer(run: Run) -> str | None:
     a.set_title("learning rate")
     shown |= _lines(b, run, ["grad_norm"], logy=True)
     b.set_title("gradient norm (before clipping)")
-    if not shown:
-        plt.close(fig)
-        return None
-    return to_svg(fig)
+    return to_svg(fig, shown)
 
 
 def speed(run: Run) -> str | None:
@@ -107,16 +108,13 @@ def speed(run: Run) -> str | None:
     shown = _lines(a, run, ["tokens_per_s"])
     a.set_title("tokens/s")
     if _lines(b, run, ["mfu"]):
-        b.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        b.yaxis.set_major_formatter(PercentFormatter(1.0))
         shown = True
     b.set_title("MFU")
     shown |= _lines(c, run, ["memory_peak_gb"], smooth=False)
     c.set_title("peak memory (GiB)")
-    if not shown:
-        plt.close(fig)
-        return None
     fig.tight_layout()
-    return to_svg(fig)
+    return to_svg(fig, shown)
 
 
 def grpo(run: Run) -> str | None:
