@@ -173,6 +173,8 @@ class EvalConfig:
     n: int = 200  # held-out problems scored at the end of training
     max_new_tokens: int = 96
     batch_size: int = 50
+    interval: int = 100  # steps between held-out loss measurements (and the last step); 0 = none
+    loss_batches: int = 4  # fixed held-out batches of train.global_batch sequences each
 
 
 @dataclass
@@ -352,6 +354,7 @@ _CHOICES = {
 _POSITIVE = [
     ("train", "steps"), ("train", "global_batch"), ("train", "seq_len"), ("train", "log_interval"),
     ("parallel", "nproc"), ("checkpoint", "keep"), ("eval", "max_new_tokens"), ("eval", "batch_size"),
+    ("eval", "loss_batches"),
     ("guards", "nonfinite_max"), ("guards", "spike_window"), ("guards", "spike_threshold"), ("guards", "max_rollbacks"),
     ("guards", "watchdog_factor"), ("guards", "watchdog_startup_s"), ("guards", "collective_timeout_s"),
     ("guards", "straggler_factor"), ("guards", "audit_rows"), ("guards", "audit_max_failures"),
@@ -361,6 +364,7 @@ _POSITIVE = [
 _NON_NEGATIVE = [
     ("train", "micro_batch"), ("train", "warmup_steps"), ("train", "weight_decay"), ("train", "grad_clip"),
     ("checkpoint", "interval"), ("checkpoint", "keep_every"), ("parallel", "max_restarts"), ("eval", "n"),
+    ("eval", "interval"),
     ("data", "heldout_size"), ("guards", "spike_min_history"), ("guards", "spike_min_rise"),
     ("guards", "spike_grad_threshold"), ("guards", "spike_grad_min_rise"), ("guards", "watchdog_grace_s"),
     ("guards", "straggler_interval"), ("guards", "replica_check_interval"), ("guards", "audit_interval"),

@@ -1,9 +1,11 @@
 """Held-out accuracy: greedy decoding (or pass@1 averaged over sampled completions, as
 DeepSeek-R1 reports it) with the KV cache on generated problems, scored by the task's own
-verifier (reasoning-gym)."""
+verifier (reasoning-gym). And the held-out loss that training measures every
+``eval.interval`` steps."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +15,39 @@ from .generate import generate
 from .models import DeepSeekV3
 
 STOP = "</answer>"
+
+
+def loss_due(cfg, step: int) -> bool:
+    """Whether training measures the held-out loss after optimizer step `step` (every
+    ``eval.interval`` steps and at the last one; never in GRPO runs)."""
+    interval = cfg.eval.interval
+    return bool(interval) and cfg.train.mode != "grpo" and (step % interval == 0 or step == cfg.train.steps)
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: list[dict], micro: int, amp, device_type: str, world) -> float:
+    """Next-token loss of the main model (no MTP term) per label token over fixed held-out
+    batches, all ranks' rows together. Eval mode: expert loads are not counted, so the
+    balancing bias and the trajectory are the same with or without it."""
+    from .parallel import all_reduce_sum, unwrap
+
+    dev = unwrap(model).embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    autocast = torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    try:
+        for batch in batches:
+            for start in range(0, batch["input_ids"].shape[0], micro):
+                x = batch["input_ids"][start : start + micro].to(dev)
+                y = batch["labels"][start : start + micro].to(dev)
+                with autocast:
+                    out = model(x, labels=y, reduction="sum")
+                total += torch.tensor([out.lm_loss.item(), out.num_tokens.item()], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    total = all_reduce_sum(total, world)
+    return total[0].item() / max(total[1].item(), 1.0)
 
 
 @dataclass

@@ -96,6 +96,8 @@ def test_status_summarises_faults_restarts_and_goodput(faulty_run, capsys):
     assert summary["restarts"] == "1" and summary["faults"] == "nan 1, kill 1"
     assert summary["goodput"].startswith(f"{g.ratio:.1%} (")
     assert summary["device"].endswith("(cpu)") and summary["world size"].startswith("1")
+    held = [m["eval_loss"] for m in load_run(faulty_run).metrics if "eval_loss" in m]  # eval.interval 100: the last
+    assert summary["held-out loss"] == f"{held[-1]:.4g} at step 30 (measured once)"
     assert {f["kind"]: (f["count"], f["detected"]) for f in out["faults"]} == {"nan": ("1", "1"), "kill": ("1", "1")}
     assert main(["status", str(faulty_run)]) == 0
     text = capsys.readouterr().out
@@ -113,6 +115,7 @@ def test_report_has_every_figure_and_needs_no_network(faulty_run, tmp_path, caps
     for h in headings:
         assert f"<h2>{h}</h2>" in out.read_text(), h
     assert "Reinforcement learning" not in page.words  # not a GRPO run
+    assert "held-out lm_loss" in page.words  # the loss plot's legend
     assert page.svgs == 5  # timeline, loss, optimizer, speed, experts
     words = page.words
     # the heatmaps: one per MoE layer of the debug preset (layers 1 and 2 of 3, and the MTP module's)

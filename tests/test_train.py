@@ -18,7 +18,7 @@ from anychip.train.runlog import read_jsonl
 FAST = [
     "model.preset=debug", "train.steps=6", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
     "train.lr=3e-3", "train.mode=sft", "eval.n=4", "eval.max_new_tokens=12", "data.heldout_size=8",
-    "log.tensorboard=false", "device.type=cpu",
+    "log.tensorboard=false", "device.type=cpu", "eval.interval=3", "eval.loss_batches=2",
 ]  # fmt: skip
 
 
@@ -85,6 +85,8 @@ def test_two_processes_equal_one(one_process, tmp_path, strategy):
     double = metrics(run)
     assert [m["loss"] for m in double] == pytest.approx([m["loss"] for m in single], rel=1e-5, abs=1e-6)
     assert [m["grad_norm"] for m in double] == pytest.approx([m["grad_norm"] for m in single], rel=1e-4)
+    held = [m["eval_loss"] for m in single if "eval_loss" in m]  # held-out rows split over the ranks
+    assert [m["eval_loss"] for m in double if "eval_loss" in m] == pytest.approx(held, rel=1e-5)
     start = events(run)[0]
     assert start["world_size"] == 2 and start["strategy"] == strategy
     # the final weights agree too
@@ -93,6 +95,30 @@ def test_two_processes_equal_one(one_process, tmp_path, strategy):
     a, b = load_hf(one_process[0] / "final"), load_hf(run / "final")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_heldout_loss_is_the_models_loss_on_fixed_heldout_batches(one_process, tmp_path):
+    from anychip.models import load_hf
+    from anychip.parallel import World
+    from anychip.train.loop import heldout_batches
+
+    run, state = one_process
+    m = metrics(run)
+    assert [r["step"] for r in m if "eval_loss" in r] == [3, 6]  # every eval.interval steps and the last
+    batches = heldout_batches(load_config(run / "config.toml"), state.tokenizer, World())
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (4, 48)
+    model = load_hf(run / "final")  # the weights after step 6
+    total = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            out = model(b["input_ids"], labels=b["labels"], reduction="sum")
+            total, count = total + out.lm_loss.item(), count + out.num_tokens.item()
+    assert m[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert m[-1]["eval_loss"] != pytest.approx(m[-1]["lm_loss"], rel=1e-3)  # other data than the step's
+    # measuring it changes nothing in training
+    train(load_config(None, [*FAST, "eval.interval=0"]), tmp_path / "none")
+    quiet = metrics(tmp_path / "none")
+    assert [r["loss"] for r in quiet] == [r["loss"] for r in m] and all("eval_loss" not in r for r in quiet)
 
 
 def test_eval_command_on_a_run(one_process):

@@ -5,7 +5,7 @@ it promises to beat again within) and starts ``python -m anychip.guards.watchdog
 beside itself. A watchdog thread inside the worker would not do: a worker stuck in a
 native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
 ``watchdog_factor`` x the median step time + ``watchdog_grace_s``; around start-up,
-checkpoint steps and rollbacks, ``watchdog_startup_s``; the final export and evaluation are
+checkpoint steps, held-out loss steps and rollbacks, ``watchdog_startup_s``; the final export and evaluation are
 not watched (their length depends on the evaluation set, not on the step time).
 
 On SIGUSR1 the worker's Python stacks are written to ``RUN_DIR/stacks/rank<r>-<pid>.txt``
@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 
 from ..checkpoint import checkpoint_due
+from ..eval import loss_due
 
 
 class Heartbeat:
@@ -57,8 +58,10 @@ class Heartbeat:
         os.replace(tmp, self.path)
 
     def _step_timeout(self, next_step: int) -> float:
-        if len(self.step_times) < 3 or checkpoint_due(self.run_cfg, next_step):
-            return self.cfg.watchdog_startup_s  # no step timing yet, or a save (the finish is unwatched)
+        if len(self.step_times) < 3 or checkpoint_due(self.run_cfg, next_step) or loss_due(self.run_cfg, next_step):
+            return (
+                self.cfg.watchdog_startup_s
+            )  # no step timing yet, a save or a held-out loss (the finish is unwatched)
         return self.cfg.watchdog_factor * statistics.median(self.step_times) + self.cfg.watchdog_grace_s
 
     # -- hooks -----------------------------------------------------------------------

@@ -50,7 +50,8 @@ def render(run: Run) -> str:
          "Each dot is a step at the wall time it finished: blue steps count, orange ones were done again after a "
          "fault. Dashed lines: (re)starts; green ticks: committed checkpoints; crosses: faults (red shading: time "
          "they cost); triangles: detection; arrows: rollbacks. The bar splits the wall time as anychip goodput does."),
-        ("Loss", plots.loss(run), "Per step (the last run of each step when a fault made it run again)."),
+        ("Loss", plots.loss(run), "Per step (the last run of each step when a fault made it run again); "
+         "held-out: the main model's loss on fixed held-out batches every eval.interval steps."),
         ("Optimizer", plots.optimizer(run), ""),
         ("Throughput and memory", plots.speed(run),
          "MFU against the device's peak at the training dtype (CPU: a measured matmul)."),

@@ -83,8 +83,9 @@ def _rollbacks(ax, run: Run) -> None:
 
 def loss(run: Run) -> str | None:
     fig, ax = plt.subplots(figsize=WIDE)
-    keys = [k for k in ("loss", "lm_loss", "mtp_loss") if run.series(k)[1]]
-    if not _lines(ax, run, keys, logy=not run.is_grpo):
+    names = {"loss": "loss", "lm_loss": "lm_loss", "mtp_loss": "mtp_loss", "eval_loss": "held-out lm_loss"}
+    keys = [k for k in names if run.series(k)[1]]
+    if not _lines(ax, run, keys, [names[k] for k in keys], logy=not run.is_grpo):
         return to_svg(fig, drawn=False)
     _rollbacks(ax, run)
     title = "policy loss" if run.is_grpo else "training loss"

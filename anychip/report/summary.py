@@ -57,6 +57,10 @@ def _figures(run: Run) -> list[tuple[str, str]]:
     steps, loss = run.series("loss")
     if loss:
         rows.append(("loss", f"{loss[0]:.4g} at step {steps[0]} -> {loss[-1]:.4g} at step {steps[-1]}"))
+    steps, held = run.series("eval_loss")
+    if held:
+        times = "once" if len(held) == 1 else f"{len(held)} times"
+        rows.append(("held-out loss", f"{held[-1]:.4g} at step {steps[-1]} (measured {times})"))
     if run.is_grpo:
         for key in ("reward", "accuracy", "kl"):
             s, v = run.series(key)

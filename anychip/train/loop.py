@@ -35,7 +35,7 @@ from ..checkpoint import Checkpointer, checkpoint_due
 from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
-from ..eval import EvalResult, evaluate, reduce_result, shard
+from ..eval import EvalResult, evaluate, heldout_loss, loss_due, reduce_result, shard
 from ..export import load_init
 from ..guards import install as install_guards
 from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
@@ -119,6 +119,17 @@ def build_source(cfg: Config, split: str = "train"):
     if d.source == "jsonl":
         return JsonlCorpus(d.path, d.text_field, d.prompt_field or None, d.completion_field or None)
     return TextCorpus(d.path)
+
+
+def heldout_batches(cfg: Config, tokenizer, world: World) -> list[dict]:
+    """The fixed batches of the periodic held-out loss (this rank's rows); none when
+    ``eval.interval`` is 0, in GRPO runs, or for corpora without a held-out split."""
+    source = build_source(cfg, "heldout") if cfg.eval.interval and cfg.train.mode != "grpo" else None
+    if source is None:
+        return []
+    t = cfg.train
+    data = TokenBatches(source, tokenizer, t.seq_len, t.global_batch, world.rank, world.world_size, t.mode)
+    return [data.next_batch() for _ in range(cfg.eval.loss_batches)]
 
 
 def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> DeepSeekV3:
@@ -282,6 +293,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         def step_fn(model, batch, micro, amp, device, world):
             return policy_step(cfg, model, batch, micro, amp, device, world)
 
+    heldout = heldout_batches(cfg, state.tokenizer, world)
     if state.guarded and state.step == 0 and cfg.checkpoint.interval:
         state.checkpointer.save(0)  # something to roll back to before the first interval
     hooks("on_start", state)
@@ -333,6 +345,8 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             **state.extra_metrics,  # from guards, for this step
         }
         state.extra_metrics = {}
+        if heldout and loss_due(cfg, step):
+            state.metrics["eval_loss"] = heldout_loss(model, heldout, micro, amp, device.type, world)
         log.metrics(step, state.metrics)
         state.expert_tokens = loads if state.expert_tokens is None else state.expert_tokens + loads
         if rl and cfg.grpo.ref_reset_interval and step % cfg.grpo.ref_reset_interval == 0:
@@ -357,6 +371,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
                 f"step {step:5d}  loss {m['loss']:.4f}  lm {m['lm_loss']:.4f}  lr {lr:.2e}  "
                 f"grad {grad_norm:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}  "
                 f"experts max/mean {m['expert_imbalance']:.2f}"
+                + (f"  held-out {m['eval_loss']:.4f}" if "eval_loss" in m else "")
             )
     if state.heartbeat is not None:
         state.heartbeat.unwatched("finish")  # final commit, export and evaluation are not step-timed
