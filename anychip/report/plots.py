@@ -22,7 +22,7 @@ plt.rcParams.update({
 WIDE = (9.0, 3.0)
 COLORS = {"productive": "#4c72b0", "recomputed": "#dd8452", "checkpoint": "#55a868", "fault": "#c44e52",
           "detected": "#ff9f1c", "restart": "#8172b3", "rollback": "#937860", "stall": "#55a868",
-          "start-up": "#8172b3"}  # fmt: skip
+          "start-up, eval": "#8172b3"}  # fmt: skip
 
 
 def to_svg(fig, drawn: bool = True) -> str | None:
@@ -214,13 +214,13 @@ def timeline(run: Run) -> str | None:
     ax.set_title(f"goodput timeline: {g.ratio:.1%} of {g.wall_s:.0f} s productive")
     ax.legend(loc="upper left", frameon=False, fontsize=7)
     parts = [("productive", g.productive_s), ("recomputed", g.recomputed_s), ("stall", g.checkpoint_stall_s),
-             ("start-up", g.restart_s)]  # fmt: skip
+             ("start-up, eval", g.restart_s)]  # fmt: skip
     left = 0.0
     for name, seconds in parts:
         bar.barh([0], [seconds], left=left, color=COLORS[name], label=f"{name} {seconds:.1f} s")
         left += seconds
     bar.set_yticks([])
-    bar.set_xlabel("wall time (s): productive steps, recomputed steps, checkpoint stalls, restarts and start-up")
+    bar.set_xlabel("wall time (s): productive steps, recomputed steps, checkpoint stalls, restarts, start-up and eval")
     bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=4, frameon=False, fontsize=7)
     bar.grid(False)
     fig.tight_layout()

@@ -29,7 +29,8 @@ def overview(run: Run) -> list[tuple[str, str]]:
         ("software", f"torch {start.get('torch', '?')}, python {start.get('python', '?')}"),
         ("wall time", _duration(g.wall_s)),
         ("goodput", f"{g.ratio:.1%} (productive {_duration(g.productive_s)}, recomputed {_duration(g.recomputed_s)}, "
-                    f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts and start-up {_duration(g.restart_s)})"),
+                    f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts, start-up and evaluation "
+                    f"{_duration(g.restart_s)})"),
         ("restarts", str(g.restarts)),
         ("faults", ", ".join(f"{k} {v['count']}" for k, v in g.fault_summary.items()) or "none"),
         ("rollbacks", str(sum(e["event"] == "rollback" for e in run.events))),
