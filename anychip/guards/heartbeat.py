@@ -5,8 +5,9 @@ it promises to beat again within) and starts ``python -m anychip.guards.watchdog
 beside itself. A watchdog thread inside the worker would not do: a worker stuck in a
 native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
 ``watchdog_factor`` x the median step time + ``watchdog_grace_s``; around start-up,
-checkpoint steps, held-out loss steps and rollbacks, ``watchdog_startup_s``; the final export and evaluation are
-not watched (their length depends on the evaluation set, not on the step time).
+checkpoint steps, held-out loss steps and rollbacks, ``watchdog_startup_s``; the final
+export and evaluation are not watched (their length depends on the evaluation set, not on
+the step time).
 
 On SIGUSR1 the worker's Python stacks are written to ``RUN_DIR/stacks/rank<r>-<pid>.txt``
 by faulthandler, which works while another thread holds the GIL.
@@ -58,10 +59,9 @@ class Heartbeat:
         os.replace(tmp, self.path)
 
     def _step_timeout(self, next_step: int) -> float:
+        # no step timing yet, a save or a held-out loss (the finish is unwatched)
         if len(self.step_times) < 3 or checkpoint_due(self.run_cfg, next_step) or loss_due(self.run_cfg, next_step):
-            return (
-                self.cfg.watchdog_startup_s
-            )  # no step timing yet, a save or a held-out loss (the finish is unwatched)
+            return self.cfg.watchdog_startup_s
         return self.cfg.watchdog_factor * statistics.median(self.step_times) + self.cfg.watchdog_grace_s
 
     # -- hooks -----------------------------------------------------------------------
