@@ -175,6 +175,10 @@ def test_status_and_report_of_a_run_that_is_still_going(tmp_path):
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+    deadline = time.time() + 30  # nothing of the run outlives it (the watchdog follows its worker)
+    while _processes_of(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_of(run_dir) == []
     snapshot = tmp_path / "snapshot"
     shutil.copytree(run_dir, snapshot)
     with open(snapshot / "metrics.jsonl", "a") as f:
@@ -182,6 +186,18 @@ def test_status_and_report_of_a_run_that_is_still_going(tmp_path):
     later = load_run(snapshot, now=time.time() + 3600)
     assert later.state == "interrupted" and "no run_end" in later.state_detail
     assert later.last_step < 99999
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live processes whose command line names `run_dir`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(run_dir) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_stopped_and_failed_runs_say_why(faulty_run, tmp_path):
