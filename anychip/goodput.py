@@ -69,8 +69,11 @@ def goodput(run_dir: str | Path) -> Goodput:
     run_dir = Path(run_dir)
     if not (run_dir / "events.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir / 'events.jsonl'}: not a run directory")
-    events = read_jsonl(run_dir / "events.jsonl")
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    return goodput_of(read_jsonl(run_dir / "events.jsonl"), read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
+    """`goodput` of a run's records, already read."""
     starts = [e["time"] for e in events if e["event"] == "run_start"]
     times = [e["time"] for e in events] + [m["time"] for m in metrics]
     wall = max(times) - min(starts) if starts else 0.0

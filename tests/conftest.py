@@ -1,3 +1,4 @@
+import html.parser
 import os
 import signal
 import subprocess
@@ -60,3 +61,44 @@ def run_command(args: list[str], env: dict, timeout: float) -> subprocess.Comple
         out, err = p.communicate()
         raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(args, p.returncode, out, err)
+
+
+class HtmlPage(html.parser.HTMLParser):
+    """An HTML page, parsed: tags must balance (an unbalanced close tag fails); collects the text, the
+    number of SVG figures, every URL the page would fetch and the class of each table cell."""
+
+    VOID = {"meta", "br", "img", "link", "input", "hr", "path", "rect", "use", "stop", "circle", "line",
+            "polyline", "polygon", "ellipse"}  # fmt: skip
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.open, self.text, self.svgs, self.fetches, self.cells = [], [], 0, [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.svgs += tag == "svg"
+        if tag == "td":
+            self.cells.append(attrs.get("class"))
+        for key in ("src", "href", "xlink:href"):
+            if attrs.get(key) and not attrs[key].startswith(("#", "data:")):
+                self.fetches.append(attrs[key])
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self.open.pop()
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        assert self.open and self.open.pop() == tag, f"unbalanced </{tag}>"
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    @property
+    def words(self) -> str:
+        return " ".join(self.text)

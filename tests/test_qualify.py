@@ -1,7 +1,6 @@
 """anychip qualify: error figures, the float64 truth, the op suite, step parity, fault injection, the
 report card and the CLI (1 and 2 processes)."""
 
-import html.parser
 import json
 import math
 import os
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_command
+from conftest import HtmlPage, run_command
 
 from anychip.cli import main
 from anychip.device import get_device
@@ -158,27 +157,8 @@ QUICK = ["qualify", "--device", "cpu", "--preset", "debug", "--tokens", "128", "
          "--parity-batch", "2", "--parity-seq", "16"]  # fmt: skip
 
 
-class _Html(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.open, self.cells, self.text = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        if tag not in ("meta", "br"):
-            self.open.append(tag)
-        if tag == "td":
-            self.cells.append(dict(attrs).get("class"))
-
-    def handle_endtag(self, tag):
-        assert self.open and self.open.pop() == tag, f"unbalanced </{tag}>"
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def _parse_html(path) -> _Html:
-    page = _Html()
-    page.feed(path.read_text())
+def _parse_html(path) -> HtmlPage:
+    page = HtmlPage(path.read_text())
     assert page.open == []
     return page
 
@@ -278,3 +258,11 @@ def test_peak_bandwidth_from_the_table_and_measured_on_cpu():
     assert table_peak_bandwidth("Some Future Chip") is None
     measured = CPU.peak_bandwidth()
     assert 1e8 < measured < 1e13 and CPU.peak_bandwidth() == measured  # measured once, cached
+
+
+def test_report_json_is_standard_json_even_for_non_finite_errors():
+    from anychip.qualify.report import _finite
+
+    report = {"target": {"rel_rms": math.inf, "cosine": math.nan, "finite": False}, "rows": [(1.0, -math.inf)]}
+    text = json.dumps(_finite(report), allow_nan=False)  # raises on a bare inf / nan
+    assert json.loads(text) == {"target": {"rel_rms": "inf", "cosine": "nan", "finite": False}, "rows": [[1.0, "-inf"]]}

@@ -2,7 +2,6 @@
 is still going; and the page in a real headless browser (Debian's chromium through WebDriver)."""
 
 import base64
-import html.parser
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_command
+from conftest import HtmlPage, run_command
 
 from anychip.cli import main
 from anychip.config import load_config
@@ -49,44 +48,6 @@ def faulty_run(tmp_path_factory) -> Path:
     return run
 
 
-class Page(html.parser.HTMLParser):
-    """Tags must balance; collects text, svg count and every URL the page would fetch."""
-
-    VOID = {"meta", "br", "img", "link", "input", "hr", "path", "rect", "use", "stop", "circle", "line",
-            "polyline", "polygon", "ellipse"}  # fmt: skip
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.open, self.text, self.svgs, self.fetches = [], [], 0, []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.svgs += tag == "svg"
-        for key in ("src", "href", "xlink:href"):
-            if attrs.get(key) and not attrs[key].startswith(("#", "data:")):
-                self.fetches.append(attrs[key])
-        if tag not in self.VOID:
-            self.open.append(tag)
-
-    def handle_startendtag(self, tag, attrs):
-        self.handle_starttag(tag, attrs)
-        if tag not in self.VOID:
-            self.open.pop()
-
-    def handle_endtag(self, tag):
-        if tag in self.VOID:
-            return
-        assert self.open and self.open.pop() == tag, f"unbalanced </{tag}>"
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    @property
-    def words(self) -> str:
-        return " ".join(self.text)
-
-
 def test_status_summarises_faults_restarts_and_goodput(faulty_run, capsys):
     assert main(["status", str(faulty_run), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -108,7 +69,7 @@ def test_report_has_every_figure_and_needs_no_network(faulty_run, tmp_path, caps
     out = tmp_path / "r.html"
     assert main(["report", str(faulty_run), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
-    page = Page(out.read_text())
+    page = HtmlPage(out.read_text())
     assert page.open == [] and page.fetches == []  # self-contained: nothing to load from anywhere
     headings = ["Summary", "Faults by kind", "Goodput timeline", "Loss", "Optimizer", "Throughput and memory",
                 "Expert load", "Events"]  # fmt: skip
@@ -147,7 +108,7 @@ def test_a_single_step_run(tmp_path, capsys):
     run = load_run(tmp_path / "one")
     assert run.state == "finished" and run.last_step == 1
     assert dict(overview(run))["progress"] == "step 1 of 1 (100%)"
-    page = Page(render(run))
+    page = HtmlPage(render(run))
     assert page.open == [] and page.svgs >= 4
     assert main(["status", str(tmp_path / "one")]) == 0 and "step 1 of 1" in capsys.readouterr().out
 
@@ -170,7 +131,7 @@ def test_status_and_report_of_a_run_that_is_still_going(tmp_path):
         run = load_run(run_dir)  # read while the run appends
         assert run.state == "running" and run.last_step >= 20
         assert dict(overview(run))["progress"].startswith(f"step {run.last_step} of 100000")
-        page = Page(render(run))
+        page = HtmlPage(render(run))
         assert page.open == [] and page.svgs == 5
     finally:
         os.killpg(p.pid, signal.SIGKILL)

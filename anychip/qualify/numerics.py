@@ -104,7 +104,7 @@ def judge(target: Errors, ratio: float, dtype: torch.dtype, agreement: float | N
         return FAIL, "non-finite values in the result"
     ok, bad = LIMITS[dtype]
     verdicts = [(_grade(target.rel_rms, ok, bad), f"relative error {target.rel_rms:.2e} (limits {ok:.0e}/{bad:.0e})")]
-    verdicts.append((_grade(ratio, *RATIO_LIMITS), f"{ratio:.1f}x the reference's error"))
+    verdicts.append((grade_ratio(ratio), f"{ratio:.1f}x the reference's error"))
     if agreement is not None:
         low_ok, low_bad = AGREEMENT_LIMITS
         grade = PASS if agreement >= low_ok else WARN if agreement >= low_bad else FAIL
@@ -115,6 +115,11 @@ def judge(target: Errors, ratio: float, dtype: torch.dtype, agreement: float | N
 
 def worst(statuses) -> str:
     return max(statuses, key=_ORDER.__getitem__, default=PASS)
+
+
+def grade_ratio(ratio: float) -> str:
+    """pass / warn / fail of a target-to-reference error ratio (RATIO_LIMITS)."""
+    return _grade(ratio, *RATIO_LIMITS)
 
 
 def _grade(value: float, ok: float, bad: float) -> str:

@@ -7,7 +7,6 @@ import datetime
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-PRESET_NAMES = "debug, tiny, v2-lite, v3"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default="cpu",
                    help="the device the target is judged against (default cpu); every result is also compared "
                    "with float64 on the CPU")  # fmt: skip
-    p.add_argument("--preset", default="tiny", help=f"model shapes: {PRESET_NAMES} (default tiny)")
+    p.add_argument("--preset", default="tiny", help="the model preset whose shapes to use (default tiny)")
     p.add_argument("--init", type=Path, metavar="PATH",
                    help="shapes and weights from an anychip run, checkpoint or Hugging Face directory")  # fmt: skip
     p.add_argument("--out", type=Path, help="output directory (default runs/qualify-<device>-<date-time>)")

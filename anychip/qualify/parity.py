@@ -22,7 +22,7 @@ from ..models.deepseek.args import ModelArgs
 from ..models.deepseek.model import DeepSeekV3
 from ..train.optim import build_optimizer
 from .faults import inject
-from .numerics import FAIL, PASS, RATIO_LIMITS, error_ratio, errors, float64_truth, judge, worst
+from .numerics import FAIL, RATIO_LIMITS, error_ratio, errors, float64_truth, grade_ratio, judge, worst
 
 
 def step_parity(
@@ -114,8 +114,8 @@ def _compare(tgt: dict, ref: dict, truth: dict, dtype: torch.dtype) -> dict:
                            "target_norm_diff": _norm_diff(tgt["grads"][k][name], g64),
                            "reference_norm_diff": _norm_diff(ref["grads"][k][name], g64)})  # fmt: skip
         worst_param = max(params, key=lambda p: (p["error_ratio"], p["target"]["rel_rms"]))
-        status = _grade_ratio(worst_param["error_ratio"]) if math.isfinite(lt) else FAIL
-        status = worst([status, _grade_ratio(error_ratio(loss_t, loss_r, dtype))])
+        status = grade_ratio(worst_param["error_ratio"]) if math.isfinite(lt) else FAIL
+        status = worst([status, grade_ratio(error_ratio(loss_t, loss_r, dtype))])
         statuses.append(status)
         per_step.append({
             "step": k + 1, "loss": {"target": lt, "reference": lr, "float64": l64},
@@ -148,8 +148,3 @@ def first_divergent(tgt: dict, ref: dict, truth: dict, dtype: torch.dtype) -> di
 def _norm_diff(g: torch.Tensor, g64: torch.Tensor) -> float:
     n64 = float(g64.norm())
     return abs(float(g.norm()) - n64) / n64 if n64 > 0 else float(g.norm())
-
-
-def _grade_ratio(ratio: float) -> str:
-    ok, bad = RATIO_LIMITS
-    return PASS if ratio <= ok else "warn" if ratio <= bad else FAIL

@@ -19,16 +19,22 @@ def write_report(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     blocks = card(report)
     paths = [out / "qualify.json", out / "qualify.md", out / "qualify.html"]
-    paths[0].write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    paths[0].write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
     paths[1].write_text(to_markdown(blocks))
     paths[2].write_text(to_html(blocks, f"anychip qualify: {report['target']['name']}"))
     return paths
 
 
-def _json_default(value):
+def _finite(value):
+    """The report with non-finite floats (a faulty device's errors) as the strings "inf" / "nan":
+    standard JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    return value
 
 
 def card(r: dict) -> list[Block]:

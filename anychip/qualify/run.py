@@ -70,7 +70,7 @@ def _qualify(a, target: Device, reference: Device, rank: int, world_size: int) -
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": ("anychip " if sys.argv[0].endswith("anychip") else "anychip qualify ") + " ".join(sys.argv[1:]),
-        "target": _describe(target), "reference": _describe(reference),
+        "target": mine["device"], "reference": _describe(reference),
         "model": {"preset": None if a.init else a.preset, "init": str(a.init) if a.init else None,
                   "hidden_size": args.hidden_size, "layers": args.num_hidden_layers,
                   "experts": args.n_routed_experts, "vocab_size": args.vocab_size},

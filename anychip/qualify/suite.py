@@ -10,11 +10,12 @@ import torch
 
 from ..device import Device
 from ..models.deepseek.args import ModelArgs
+from . import options
 from .faults import inject
 from .numerics import error_ratio, errors, float64_truth, judge
 from .ops import Shape, cases, expert_agreement
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {getattr(torch, name): name for name in options.DTYPE_NAMES}  # torch.float32 -> "float32"
 
 
 def run_ops(

@@ -12,7 +12,7 @@ from statistics import median
 
 from ..config import tomllib
 from ..events import read_jsonl
-from ..goodput import Goodput, goodput
+from ..goodput import Goodput, goodput_of
 from ..launch import FATAL
 
 # A run with no record for this long (and at least this many median step times) is not running.
@@ -72,8 +72,8 @@ def load_run(path: str | Path, now: float | None = None) -> Run:
         except json.JSONDecodeError:
             eval_result = None  # being written
     start = next((e for e in events if e["event"] == "run_start"), {})
-    run = Run(path, config, events, metrics, read_jsonl(path / "experts.jsonl"), eval_result, goodput(path), "",
-              start=start)  # fmt: skip
+    run = Run(path, config, events, metrics, read_jsonl(path / "experts.jsonl"), eval_result,
+              goodput_of(events, metrics), "", start=start)  # fmt: skip
     run.state, run.state_detail = _state(run, now if now is not None else time.time())
     return run
 
