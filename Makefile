@@ -18,9 +18,16 @@ setup: $(BIN)/python
 test: setup
 	$(BIN)/python -m pytest
 
+# A second `make demo` resumes each run where it stopped (a finished run only re-exports
+# and re-evaluates); remove runs/demo and runs/demo-grpo to start afresh.
 demo: setup
-	$(BIN)/anychip train --run-dir runs/demo
-	$(BIN)/anychip grpo --init runs/demo --run-dir runs/demo-grpo
+	@if [ -f runs/demo/config.toml ]; then echo "make demo: runs/demo exists: resuming it"; \
+		$(BIN)/anychip train --resume runs/demo; \
+	else echo "make demo: starting runs/demo afresh"; $(BIN)/anychip train --run-dir runs/demo; fi
+	@if [ -f runs/demo-grpo/config.toml ]; then echo "make demo: runs/demo-grpo exists: resuming it"; \
+		$(BIN)/anychip grpo --resume runs/demo-grpo; \
+	else echo "make demo: starting runs/demo-grpo afresh"; \
+		$(BIN)/anychip grpo --init runs/demo --run-dir runs/demo-grpo; fi
 	$(BIN)/anychip eval runs/demo
 	$(BIN)/anychip eval runs/demo-grpo
 	$(BIN)/anychip report runs/demo

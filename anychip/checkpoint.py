@@ -40,10 +40,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from rich.markup import escape
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .dcp_reader import safe_load
+from .models.deepseek.args import SHAPE_FREE
 from .models.hf import CheckpointError  # one error type for every checkpoint problem
 
 # one process without a process group is a supported case, not a mistake to warn about
@@ -51,8 +54,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 PREFIX = "step_"
 TMP = ".tmp"
-# ModelArgs fields that do not change tensor shapes: a resume may change them
-SHAPE_FREE = {"mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed", "initializer_range", "hf_extra"}
 
 
 def checkpoint_due(cfg, step: int) -> bool:
@@ -306,7 +307,9 @@ class Checkpointer:
 
     def _failed(self, step: int, error: Exception) -> None:
         self.log.event("checkpoint_failed", step=step, error=f"{type(error).__name__}: {error}")
-        self.log.print(f"[yellow]warning: checkpoint of step {step} failed ({error}); training goes on[/yellow]")
+        self.log.print(
+            f"[yellow]warning: checkpoint of step {step} failed ({escape(str(error))}); training goes on[/yellow]"
+        )
         if self.world.is_main:
             shutil.rmtree(self.root / f"{PREFIX}{step:08d}{TMP}", ignore_errors=True)
 
@@ -338,9 +341,15 @@ class Checkpointer:
                     choice = str(d)
                     break
                 self.log.event("checkpoint_corrupt", path=str(d), problem=problem)
-                self.log.print(f"[yellow]checkpoint {d.name} is unusable: {problem}; trying the previous one[/yellow]")
+                self.log.print(
+                    f"[yellow]checkpoint {escape(d.name)} is unusable: {escape(problem)}; trying the previous one[/yellow]"
+                )
                 # aside, kept for inspection: never loaded again, never counted by checkpoint.keep
-                d.rename(d.with_name(f"corrupt_{d.name}"))
+                # (committed() reads only step_<digits>); numbered when the step was set aside before
+                aside, n = d.with_name(f"corrupt_{d.name}"), 1
+                while aside.exists():
+                    aside, n = d.with_name(f"corrupt_{d.name}_{n}"), n + 1
+                d.rename(aside)
         if self.world.distributed:
             box = [choice]
             dist.broadcast_object_list(box, src=0)
@@ -359,7 +368,7 @@ class Checkpointer:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{directory}: the model in this checkpoint has another shape ({detail})")
         app = self._app_state()
-        dcp.load(app, checkpoint_id=str(directory), no_dist=not self.world.distributed)
+        safe_load(app, directory, no_dist=not self.world.distributed)  # runs no code the checkpoint holds
         set_state_dict(self.state.model, self.state.optimizer, model_state_dict=app["model"],
                        optim_state_dict=app["optim"])  # fmt: skip
         if "ref" in app:

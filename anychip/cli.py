@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, GRPO_CONFIG, ConfigError, load_config
-from .launch import FATAL, default_run_dir
+from .launch import FATAL, PREEMPTED
+from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -27,34 +32,52 @@ def _train(a: argparse.Namespace) -> int:
     if faults:
         sets.append(f"chaos.at={','.join(faults)}")
     config = a.config
-    if a.resume is not None:  # continue a stopped run: its own config, plus any --set changes
+    if a.resume is not None:  # continue a stopped run: its own config, plus the changes a resume may make
         if a.config or a.run_dir:
             raise ConfigError("anychip train --resume RUN_DIR takes no CONFIG and no --run-dir")
         config = a.resume / "config.toml"
         if not config.is_file():
             raise FileNotFoundError(f"--resume {a.resume}: no config.toml there (not a run directory)")
     cfg = load_config(config, sets, embedded=embedded)
+    if a.resume is not None:
+        changed = resume_changes(load_config(config, check_inputs=False).to_dict(), cfg.to_dict())
+        if changed:
+            raise ConfigError(
+                f"--resume {a.resume}: a resume may change steps, lr, batch, world size, device, guards, "
+                f"checkpoints, evaluation and logging only; these differ from the run's config: {'; '.join(changed)}. "
+                "Start a new run (--init to start from this one's model) instead"
+            )
     if a.print_config:
         print(cfg.to_toml(), end="")
         return 0
-    run_dir = Path(a.resume or a.run_dir or default_run_dir())
-    if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
-        from .train.loop import train
+    run_dir = Path(a.resume or a.run_dir or new_default_run_dir())
+    with RunLock(run_dir):  # before anything in the directory is touched; released however this ends
+        if a.resume is None:
+            check_new_run(run_dir)
+        if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
+            from .train.loop import train
 
-        state = train(cfg, run_dir)
-        return 0 if state.step == cfg.train.steps else 1
-    return launch_workers(cfg, run_dir)
+            state = train(cfg, run_dir)
+            return 0 if state.step == cfg.train.steps or state.preempted else 1
+        return launch_workers(cfg, run_dir)
 
 
 def launch_workers(cfg, run_dir: Path) -> int:
     """Start ``parallel.nproc`` local workers through torch.distributed's elastic agent
     (what torchrun uses), each running ``python -m anychip.launch`` on the resolved config.
     When a worker dies, the agent restarts all of them (up to ``parallel.max_restarts``
-    times) and they resume from the newest good checkpoint in ``run_dir``."""
+    times) and they resume from the newest good checkpoint in ``run_dir``.
+
+    The caller holds the run directory's lock. Workers die with this process (parent-death
+    signal); the hang watchdog watches each from the moment it is spawned; SIGTERM or
+    SIGINT here is a preemption: the workers checkpoint at the next step boundary and exit,
+    and this returns 0 (SIGKILL after ``parallel.preempt_grace_s``)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from .guards.watchdog import WATCHED_BY_LAUNCHER, ChildWatcher
+
     fatal = run_dir / FATAL
     fatal.unlink(missing_ok=True)  # a new launch (e.g. --resume after a fix) tries again
     config_file = run_dir / "launch.toml"  # the workers write config.toml once it fits the checkpoint
@@ -68,18 +91,96 @@ def launch_workers(cfg, run_dir: Path) -> int:
         rdzv_endpoint="localhost:0",
         max_restarts=cfg.parallel.max_restarts,
         monitor_interval=0.2,
+        signals_to_handle="SIGHUP,SIGQUIT",  # SIGTERM and SIGINT are preemptions, handled below
     )
+    os.environ["ANYCHIP_LAUNCHER_PID"] = str(os.getpid())
+    g = cfg.guards
+    watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s) if g.watchdog else None
+    if watcher is not None:
+        os.environ[WATCHED_BY_LAUNCHER] = "1"
+        watcher.start()
+    preemption = _Preemption(cfg.parallel.preempt_grace_s, watcher)
+    done = threading.Event()
+    threading.Thread(target=_stop_on_fatal, args=(fatal, done), daemon=True).start()
     try:
         elastic_launch(launch, entrypoint=sys.executable)(
             "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
         )
-    except ChildFailedError as e:
+    except (ChildFailedError, SignalException) as e:
         if fatal.is_file():
             print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
             return 2
+        if preemption.signal is not None:
+            print(f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
+                  f"{cfg.parallel.preempt_grace_s:g} s and were killed", file=sys.stderr)  # fmt: skip
+            return 1
         print(f"anychip: workers failed after {cfg.parallel.max_restarts} restarts: {e}", file=sys.stderr)
         return 1
+    finally:
+        done.set()
+        preemption.close()
+        if watcher is not None:
+            watcher.stop()
+        for key in ("ANYCHIP_LAUNCHER_PID", WATCHED_BY_LAUNCHER, PREEMPTED):
+            os.environ.pop(key, None)
+    if preemption.signal is not None:
+        print(f"anychip: preempted ({preemption.signal}); continue with: anychip train --resume {run_dir}",
+              file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _stop_on_fatal(fatal: Path, done: threading.Event) -> None:
+    """A worker that wrote fatal.json stopped for a reason no restart can fix (bad input, a
+    guard's stop): stop the agent (its SIGHUP handler) instead of letting it restart."""
+    while not done.wait(0.1):
+        if fatal.is_file():
+            os.kill(os.getpid(), signal.SIGHUP)
+            return
+
+
+class _Preemption:
+    """The launcher's side of a preemption: SIGTERM/SIGINT become the workers' preemption
+    signal; after the grace period (or a second signal) the workers are killed."""
+
+    def __init__(self, grace_s: float, watcher):
+        from .guards.watchdog import children
+        from .train.preempt import PREEMPT_SIGNAL
+
+        self.grace_s, self.watcher, self._children, self._sig = grace_s, watcher, children, PREEMPT_SIGNAL
+        self.signal: str | None = None
+        self._timer: threading.Timer | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _workers(self) -> list[int]:
+        return list(self._children(os.getpid(), "anychip.launch"))
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: now
+            self._kill()
+            return
+        self.signal = signal.Signals(signum).name
+        os.environ[PREEMPTED] = self.signal  # a worker (re)started from now on stops at once
+        print(f"anychip: {self.signal}: stopping at the next step boundary with a checkpoint "
+              f"(at most {self.grace_s:g} s; send it again to stop now)", file=sys.stderr, flush=True)  # fmt: skip
+        for pid in self._workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self._sig)
+        self._timer = threading.Timer(self.grace_s, self._kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill(self) -> None:
+        # the agent's own handler of SIGHUP stops it (no restart) and takes the workers down
+        os.kill(os.getpid(), signal.SIGHUP)
+        for pid in self._workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _eval(a: argparse.Namespace) -> int:

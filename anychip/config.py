@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
 import types
 import typing
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import tomli_w
 
-from .models.deepseek.args import ConfigError, ModelArgs
+from .models.deepseek.args import SHAPE_FREE, ConfigError, ModelArgs
 from .models.deepseek.presets import PRESETS
 
 if sys.version_info >= (3, 11):
@@ -79,6 +80,7 @@ class ParallelConfig:
     nproc: int = 1  # local worker processes started by `anychip train`
     max_restarts: int = 3  # the elastic agent restarts failed workers this many times; they resume
     strategy: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp; used when world size > 1
+    preempt_grace_s: float = 30.0  # after SIGTERM/SIGINT: time to finish the step and checkpoint, then SIGKILL
 
 
 @dataclass
@@ -237,11 +239,18 @@ def default_config_text(name: str = DEFAULT_CONFIG) -> str:
     return resources.files("anychip.configs").joinpath(name).read_text()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), embedded: str = DEFAULT_CONFIG) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), embedded: str = DEFAULT_CONFIG, check_inputs: bool = True
+) -> Config:
     """The resolved Config: defaults < the TOML file (the embedded ``embedded`` when None)
     < ``overrides`` ("section.key=value", value in TOML syntax, bare words as strings).
     Raises ConfigError naming the file, key, value and expectation; FileNotFoundError
-    for a missing file."""
+    for a missing file.
+
+    ``check_inputs=False`` reads a run's config without looking at what training would
+    need besides it (the corpus, the tokenizer file, ``model.init_from``) and without
+    importing reward modules: what ``export``, ``eval``, ``status`` and ``report`` use, so
+    that a copied run is readable and a run directory from elsewhere runs no code."""
     if path is None:
         source, text = f"<embedded {embedded}>", default_config_text(embedded)
     else:
@@ -258,7 +267,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), embed
     for item in overrides:
         section, key, value = _parse_override(item)
         _apply(cfg, {section: {key: value}}, f"--set {item}")
-    validate(cfg, source + (f" with --set {' '.join(overrides)}" if overrides else ""))
+    validate(cfg, source + (f" with --set {' '.join(overrides)}" if overrides else ""), check_inputs)
     return cfg
 
 
@@ -335,8 +344,30 @@ def _coerce(value, hint, where: str):
         accepted, expected = _SCALARS[hint]
         if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepted):
             raise ConfigError(f"{where}: expected {expected}")
+        if hint is float and not math.isfinite(value):  # NaN passes every range check below
+            raise ConfigError(f"{where}: expected a finite number")
+        if hint is dict:  # e.g. reward weights, task options
+            bad = [k for k, v in _leaves(value) if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise ConfigError(f"{where}: {bad[0]} = {_leaf(value, bad[0])!r}: expected a finite number")
         return float(value) if hint is float else value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number")
     return value
+
+
+def _leaves(table: dict, prefix: str = ""):
+    for k, v in table.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _leaf(table: dict, dotted: str):
+    for part in dotted.split("."):
+        table = table[part]
+    return table
 
 
 _CHOICES = {
@@ -353,7 +384,7 @@ _CHOICES = {
 }
 _POSITIVE = [
     ("train", "steps"), ("train", "global_batch"), ("train", "seq_len"), ("train", "log_interval"),
-    ("parallel", "nproc"), ("checkpoint", "keep"), ("eval", "max_new_tokens"), ("eval", "batch_size"),
+    ("parallel", "nproc"), ("parallel", "preempt_grace_s"), ("checkpoint", "keep"), ("eval", "max_new_tokens"), ("eval", "batch_size"),
     ("eval", "loss_batches"),
     ("guards", "nonfinite_max"), ("guards", "spike_window"), ("guards", "spike_threshold"), ("guards", "max_rollbacks"),
     ("guards", "watchdog_factor"), ("guards", "watchdog_startup_s"), ("guards", "collective_timeout_s"),
@@ -374,7 +405,7 @@ _NON_NEGATIVE = [
 ]  # fmt: skip
 
 
-def _validate_grpo(cfg: Config, bad) -> None:
+def _validate_grpo(cfg: Config, bad, check_inputs: bool) -> None:
     g, nproc = cfg.grpo, cfg.parallel.nproc
     if g.prompts_per_step % nproc:
         raise bad("grpo", "prompts_per_step", f"a multiple of parallel.nproc = {nproc} (groups stay on one rank)")
@@ -405,7 +436,7 @@ def _validate_grpo(cfg: Config, bad) -> None:
         raise bad("grpo", "rewards", "a table {name or module:function = weight}, e.g. {accuracy = 1.0, format = 0.1}")
     from .rl.rewards import BUILT_IN, load_function
 
-    for name in g.rewards:
+    for name in g.rewards if check_inputs else ():  # importing a reward module runs its code
         if name not in BUILT_IN:
             try:
                 load_function(name)
@@ -415,8 +446,24 @@ def _validate_grpo(cfg: Config, bad) -> None:
         raise bad("grpo", "overlong_buffer", f"<= grpo.max_new_tokens = {g.max_new_tokens}")
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Check values that each have a valid type but may be impossible."""
+def _init_shape(kind: str, path: Path) -> dict:
+    """The ModelArgs fields of the model ``model.init_from`` names (its config.json, or a
+    checkpoint's meta.json), as JSON values."""
+    import json
+
+    if kind == "hf":
+        from .models.hf import read_hf_config
+
+        return json.loads(json.dumps(dataclasses.asdict(read_hf_config(path))))
+    try:
+        return json.loads((path / "meta.json").read_text())["model_shape"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.init_from: {path / 'meta.json'} is unreadable ({e})") from None
+
+
+def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> None:
+    """Check values that each have a valid type but may be impossible; with ``check_inputs``
+    also the files and modules training would read (see ``load_config``)."""
 
     def bad(section: str, key: str, expected: str) -> ConfigError:
         value = getattr(getattr(cfg, section), key)
@@ -446,15 +493,23 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise bad("train", "micro_batch", f"a divisor of the {local} sequences per process")
     if cfg.model.preset not in PRESETS:
         raise bad("model", "preset", "one of " + ", ".join(PRESETS))
-    if cfg.model.init_from:
+    if cfg.model.init_from and check_inputs:
         from .export import resolve_init
 
         try:
-            resolve_init(cfg.model.init_from)
+            kind, path = resolve_init(cfg.model.init_from)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{source}: model.init_from: {e}") from None
+        shape = _init_shape(kind, path)
+        for key, value in cfg.model.overrides.items():  # the shapes come from that model
+            if key not in SHAPE_FREE and key in shape and shape[key] != value:
+                raise ConfigError(
+                    f"{source}: model.{key} = {value!r} cannot be combined with model.init_from = "
+                    f"{cfg.model.init_from!r}, whose {key} is {shape[key]!r}: a model started from another takes "
+                    f"its shapes (only {', '.join(sorted(SHAPE_FREE - {'hf_extra'}))} may differ)"
+                )
     if cfg.train.mode == "grpo":
-        _validate_grpo(cfg, bad)
+        _validate_grpo(cfg, bad, check_inputs)
     try:
         args = cfg.model_args()
     except ConfigError as e:
@@ -470,7 +525,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         extra = [t for t in cfg.data.task_options if t not in cfg.data.tasks]
         if extra or not all(isinstance(v, dict) for v in cfg.data.task_options.values()):
             raise bad("data", "task_options", "a table per task of data.tasks, e.g. [data.task_options.chain_sum]")
-    if cfg.data.source in ("jsonl", "text") and not Path(cfg.data.path).exists():
+    if check_inputs and cfg.data.source in ("jsonl", "text") and not Path(cfg.data.path).exists():
         raise bad("data", "path", f"an existing corpus file for data.source = {cfg.data.source!r}")
     if cfg.guards.straggler_factor <= 1:
         raise bad("guards", "straggler_factor", "> 1")
@@ -483,5 +538,5 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: chaos.at: {e}") from None
     if any(k not in KINDS for k in cfg.chaos.kinds):
         raise bad("chaos", "kinds", "fault kinds among " + ", ".join(KINDS))
-    if cfg.data.tokenizer != "byte" and not Path(cfg.data.tokenizer).exists():
+    if check_inputs and cfg.data.tokenizer != "byte" and not Path(cfg.data.tokenizer).exists():
         raise bad("data", "tokenizer", '"byte" or the path of an existing tokenizer.json')

@@ -5,46 +5,76 @@ checkpoint of a run."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-
-import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointError, committed, step_dir, verify
 from .config import load_config
+from .dcp_reader import safe_load
 from .models import DeepSeekV3, YarnScaling, save_hf
+from .models.hf import check_save_target
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False) -> Path:
-    """Write the model of checkpoint ``step`` (default: the newest verified one) of
-    ``run_dir`` with ``save_hf``. Runs in one process whatever the world size of the
-    run (DCP reshards). Raises CheckpointError when the checkpoint is missing or fails
-    verification."""
-    run_dir = Path(run_dir)
+    """Write the model of checkpoint ``step`` of ``run_dir`` with ``save_hf``, plus
+    ``anychip_export.json`` (the run and the step). Runs in one process whatever the world
+    size of the run (DCP reshards).
+
+    Without ``step``: the newest checkpoint that verifies; each newer one that does not is
+    skipped with a warning naming it and its problem. Raises CheckpointError when no
+    checkpoint verifies, or when checkpoint ``step`` is missing or fails verification.
+    Raises FileExistsError, before reading any checkpoint, when ``out`` is the run, contains
+    it or lies inside its ``checkpoints/``, or is a path ``save_hf`` would refuse
+    (``check_save_target``): nothing is then written or deleted."""
+    run_dir, out = Path(run_dir), Path(out)
     root = run_dir / "checkpoints"
+    if out.resolve().is_relative_to(root.resolve()):
+        raise FileExistsError(f"{out}: inside the run's checkpoints directory {root}; choose another --out")
+    check_save_target(out, overwrite, protect=run_dir)
     if step is None:
-        candidates = committed(root)
-        if not candidates:
-            raise CheckpointError(f"{root}: no committed checkpoint")
-        directory = candidates[0]
+        directory = newest_verified(root)
     else:
         directory = step_dir(root, step)
         if not directory.is_dir():
             steps = [int(p.name.split("_")[1]) for p in committed(root)]
             raise CheckpointError(f"{directory}: no checkpoint of step {step}; committed steps: {steps}")
-    model, meta = checkpoint_model(directory)
-    path = save_hf(model, out, overwrite=overwrite)
+    model, meta = checkpoint_model(directory, verified=step is None)
+    path = save_hf(model, out, overwrite=overwrite, protect=run_dir)
     (Path(path) / "anychip_export.json").write_text(json.dumps({"run": str(run_dir), "step": meta["step"]}))
     return path
 
 
-def checkpoint_model(directory: str | Path, device="cpu") -> tuple[DeepSeekV3, dict]:
-    """The model of one committed checkpoint directory (verified first) and its meta.json,
-    in one process whatever the world size that wrote it (DCP reshards)."""
+def newest_verified(root: Path) -> Path:
+    """The newest committed checkpoint under ``root`` whose files match its manifest. Each
+    newer one is skipped with a warning naming it and its problem (nothing is moved or
+    deleted). Raises CheckpointError when there is none, naming every problem found."""
+    problems = []
+    for directory in committed(root):
+        problem = verify(directory)
+        if problem is None:
+            if problems:
+                skipped = "; ".join(problems)
+                warnings.warn(
+                    f"{root}: using {directory.name}, skipped corrupt newer checkpoints: {skipped}", stacklevel=2
+                )
+            return directory
+        problems.append(f"{directory.name}: {problem}")
+    if not problems:
+        raise CheckpointError(f"{root}: no committed checkpoint")
+    raise CheckpointError(f"{root}: no checkpoint verifies ({'; '.join(problems)})")
+
+
+def checkpoint_model(directory: str | Path, device="cpu", verified: bool = False) -> tuple[DeepSeekV3, dict]:
+    """The model of one committed checkpoint directory and its meta.json, in one process
+    whatever the world size that wrote it (DCP reshards). The directory is verified first
+    (CheckpointError naming the problem) unless the caller has just done so (``verified``)."""
     directory = Path(directory)
-    problem = verify(directory)
+    problem = None if verified else verify(directory)
     if problem:
         raise CheckpointError(f"{directory}: {problem}")
-    cfg = load_config(directory / "config.toml")  # for the training-time terms; shapes come from the checkpoint
+    # the training-time terms; shapes come from the checkpoint. Nothing beyond the file is read
+    # (corpus, tokenizer, init_from: a copied run exports too) and no reward module is imported
+    cfg = load_config(directory / "config.toml", check_inputs=False)
     meta = json.loads((directory / "meta.json").read_text())
     shape = dict(meta["model_shape"])  # the checkpoint's own shapes (also right for init_from runs)
     if shape.get("rope_scaling"):
@@ -52,7 +82,7 @@ def checkpoint_model(directory: str | Path, device="cpu") -> tuple[DeepSeekV3, d
     args = cfg.model_args().replace(**shape)
     model = DeepSeekV3(args)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    safe_load(state, directory, no_dist=True)  # the metadata pickle through an allow-list
     model.load_state_dict(state["model"])
     model.materialize_counters()
     return model.to(device), meta

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from .train.runlog import read_jsonl
+from .events import read_jsonl
 
 # a worker that dies on a rank other than 0 is seen by rank 0 as a failed collective: run_end "error"
 DETECTED_BY = {"kill": ("crash_detected", "run_end"), "exception": ("run_end", "crash_detected"),

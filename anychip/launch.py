@@ -12,46 +12,110 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .rundir import RunLock, RunLocked, new_default_run_dir
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
+PREEMPTED = "ANYCHIP_PREEMPTED"  # set by the launcher once preempted: a worker started after it stops at once
 
 
 def default_run_dir() -> Path:
     """runs/<torchelastic run id> under a launcher (the same on every rank and node),
-    else runs/<date-time>."""
+    else a new, unique runs/<date-time>."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
         return Path("runs") / run_id
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("several processes need one run directory: pass --run-dir (or torchrun --rdzv-id)")
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return new_default_run_dir()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that started it (the elastic agent
+    in ``anychip train`` or torchrun) dies, however it dies: the agent starts workers in a
+    session of their own, where no signal to the launcher reaches them. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    launcher = os.environ.get("ANYCHIP_LAUNCHER_PID")
+    if launcher and os.getppid() != int(launcher):
+        os._exit(1)  # the launcher died before the line above: nobody is waiting for this worker
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent()
     p = argparse.ArgumentParser(prog="python -m anychip.launch", description="one rank of an anychip job")
     p.add_argument("config", nargs="?", help="TOML file (default: the embedded default)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", type=Path)
     a = p.parse_args(argv)
+    try:
+        run_dir = a.run_dir or default_run_dir()
+    except ConfigError as e:
+        print(f"anychip: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get(PREEMPTED):
+        return 0  # started by a restart racing the preemption: the newest checkpoint stands
+    fatal = run_dir / FATAL
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt and fatal.is_file():  # checked before torch is imported: a refused restart costs no time
+        # an earlier attempt stopped for a reason that a restart cannot fix: do not retry it
+        print(f"anychip: not retried: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
+        return 2
+    lock = None
+    if not os.environ.get("ANYCHIP_LAUNCHER_PID") and int(os.environ.get("RANK", "0")) == 0:
+        try:  # plain torchrun: rank 0 holds the run directory for the job
+            lock = RunLock(run_dir).acquire()
+        except RunLocked as e:
+            print(f"anychip: {e}", file=sys.stderr)  # another job's directory: write nothing there
+            return 2
+    stacks = early_stacks(run_dir)
+    try:
+        return _run(a, run_dir, fatal, attempt)
+    finally:
+        if lock is not None:
+            lock.release()
+        if stacks is not None and stacks.is_file() and stacks.stat().st_size == 0:
+            stacks.unlink(missing_ok=True)
+
+
+def early_stacks(run_dir: Path) -> Path | None:
+    """Under anychip's launcher, which watches this worker from its spawn: let SIGUSR1 write
+    the Python stacks to ``stacks/rank<r>-<pid>.txt`` from now on (before torch is even
+    imported), so that a worker frozen in start-up leaves its stacks too."""
+    from .guards.watchdog import WATCHED_BY_LAUNCHER
+
+    if not os.environ.get(WATCHED_BY_LAUNCHER):
+        return None
+    import faulthandler
+    import signal
+
+    path = run_dir / "stacks" / f"rank{os.environ.get('RANK', '0')}-{os.getpid()}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w")  # noqa: SIM115 (kept open for the life of the process, like faulthandler's)
+    except OSError:
+        return None
+    faulthandler.register(signal.SIGUSR1, file=f, all_threads=True, chain=False)
+    return path
+
+
+def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int:
     from .device import DeviceError
     from .guards.base import GuardStop
     from .models.hf import CheckpointError
     from .train.loop import train
 
     try:
-        run_dir = a.run_dir or default_run_dir()
-        fatal = run_dir / FATAL
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if attempt == 0 and int(os.environ.get("RANK", "0")) == 0:
             fatal.unlink(missing_ok=True)  # a new launch tries again
-        if attempt and fatal.is_file():
-            # an earlier attempt stopped for a reason that a restart cannot fix: do not retry it
-            print(f"anychip: not retried: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
-            return 2
         cfg = load_config(a.config, a.sets)
         train(cfg, run_dir)
     except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, GuardStop) as e:
@@ -59,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.run_dir or os.environ.get("TORCHELASTIC_RUN_ID"):
             with contextlib.suppress(OSError):
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / FATAL).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+                fatal.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
     return 0
 

@@ -158,7 +158,12 @@ def test_incompatible_config_is_refused(reference, tmp_path):
         capture_output=True, text=True, env=ENV, timeout=300,
     )  # fmt: skip
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "hidden_size: checkpoint 32 vs config 48" in r.stderr and "Traceback" not in r.stderr
+    assert "model.hidden_size (run: not set, now: 48)" in r.stderr and "Traceback" not in r.stderr
+    # a worker started on the directory directly (plain torchrun) meets the checkpoint's own check
+    p = worker(run, "model.hidden_size=48", "train.steps=20")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2, out
+    assert "hidden_size: checkpoint 32 vs config 48" in out and "Traceback" not in out
 
 
 def test_failing_writes_keep_earlier_checkpoints_and_training_goes_on(tmp_path, monkeypatch):
@@ -193,21 +198,26 @@ def test_resume_on_another_number_of_processes(tmp_path, first, second):
 
     straight, switched = tmp_path / "straight", tmp_path / "switched"
     finish(cli(straight, first))
-    p = cli(switched, first)  # stopped once step 8 is committed, then resumed on `second` processes
+    p = cli(switched, first)  # preempted (SIGTERM) once step 8 is committed, then resumed on `second` processes
     deadline = time.time() + 120
     while not any(e["event"] == "checkpoint_commit" and e["step"] == 8 for e in lines(switched / "events.jsonl")):
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.005)
     p.terminate()
-    p.communicate(timeout=60)
-    finish(cli(switched, second))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    stopped = [e for e in lines(switched / "events.jsonl") if e["event"] == "preempted"][-1]["step"]
+    assert 8 <= stopped < 16
+    resume = [sys.executable, "-m", "anychip.cli", "train", "--resume", str(switched), "--nproc", str(second)]
+    finish(subprocess.Popen(resume, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     load = [e for e in lines(switched / "events.jsonl") if e["event"] == "checkpoint_load"][-1]
-    assert load["step"] == 8 and load["saved_world_size"] == first
+    assert load["step"] == stopped and load["saved_world_size"] == first
     ref = {m["step"]: m["loss"] for m in lines(straight / "metrics.jsonl")}
     got = {m["step"]: m["loss"] for m in lines(switched / "metrics.jsonl")}  # the resumed steps count
     assert sorted(got) == list(range(1, 17))
     # same weights, optimizer state and data position, resharded: the same run up to float tolerance
-    assert [got[s] for s in range(9, 17)] == pytest.approx([ref[s] for s in range(9, 17)], rel=1e-4)
+    after = range(stopped + 1, 17)
+    assert [got[s] for s in after] == pytest.approx([ref[s] for s in after], rel=1e-4)
 
 
 def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):

@@ -1,9 +1,11 @@
 """The worker's side of the hang watchdog.
 
-Each rank writes ``RUN_DIR/heartbeat/rank<r>.json`` (step, phase, time, and the deadline
-it promises to beat again within) and starts ``python -m anychip.guards.watchdog``
-beside itself. A watchdog thread inside the worker would not do: a worker stuck in a
-native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
+Each rank writes ``RUN_DIR/heartbeat/rank<r>.json`` (step, phase, time on the wall and
+on the monotonic clock, its pid and start time, and the deadline it promises to beat
+again within). Under ``anychip train``'s launcher the launcher watches it (from the
+moment the worker is spawned, ``ChildWatcher``); elsewhere the worker starts
+``python -m anychip.guards.watchdog`` beside itself. A watchdog thread inside the worker
+would not do: a worker stuck in a native call that holds the GIL, or stopped, cannot run it. Deadlines: inside training,
 ``watchdog_factor`` x the median step time + ``watchdog_grace_s``; around start-up,
 checkpoint steps, held-out loss steps and rollbacks, ``watchdog_startup_s``; the final
 export and evaluation are not watched (their length depends on the evaluation set, not on
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_due
 from ..eval import loss_due
+from .watchdog import WATCHED_BY_LAUNCHER, process_start
 
 
 class Heartbeat:
@@ -41,7 +44,11 @@ class Heartbeat:
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True, chain=False)
         self.step_times: deque[float] = deque(maxlen=50)
         self._last = None
+        self._start = process_start(os.getpid())
         self.beat(0, "start-up", self.cfg.watchdog_startup_s)
+        self.process = None
+        if os.environ.get(WATCHED_BY_LAUNCHER):
+            return
         self.process = subprocess.Popen(
             [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(self.path), "--pid",
              str(os.getpid()), "--run-dir", str(run_dir), "--rank", str(rank), "--stacks", str(stacks)],
@@ -54,8 +61,8 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str, timeout_s: float | None) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time(), "timeout_s": timeout_s,
-                                   "pid": os.getpid()}))  # fmt: skip
+        tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time(), "mono": time.monotonic(),
+                                   "timeout_s": timeout_s, "pid": os.getpid(), "start": self._start}))  # fmt: skip
         os.replace(tmp, self.path)
 
     def _step_timeout(self, next_step: int) -> float:
@@ -84,7 +91,7 @@ class Heartbeat:
         self.beat(state.step, "rollback", self._step_timeout(state.step + 1))
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
         faulthandler.unregister(signal.SIGUSR1)

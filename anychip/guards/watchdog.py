@@ -1,13 +1,24 @@
-"""The hang watchdog: a small process beside one worker (standard library only).
+"""The hang watchdog (standard library only). Two ways to run it:
 
-    python -m anychip.guards.watchdog --heartbeat F --pid P --run-dir D --rank R --stacks S
+- beside ``anychip train``'s elastic agent, in the launcher process (``ChildWatcher``): it
+  watches every worker the agent starts **from the moment it is spawned**, so a worker
+  that freezes in its imports, device init, the rendezvous or a checkpoint load, before
+  it ever wrote a heartbeat, is found within ``watchdog_startup_s`` + ``watchdog_grace_s``;
+- as a small process beside one worker (``python -m anychip.guards.watchdog --heartbeat F
+  --pid P ...``), started by the worker itself where no anychip launcher is around (plain
+  torchrun, or training in the launcher's own process). It can only watch from the moment
+  the worker gets to start it.
 
-It reads the worker's heartbeat file every ``--poll`` seconds. When the worker has not
-beaten within the deadline it promised, the watchdog asks for its Python stacks
-(SIGUSR1, written by faulthandler; impossible when the worker is stopped), records a
-``hang_detected`` event and kills the worker with SIGKILL: the launcher's restart path
-(torch elastic) takes over and the job resumes from its newest checkpoint. The watchdog
-exits when its worker is gone.
+Either way it reads the worker's heartbeat file every ``poll`` seconds. When the worker
+has not beaten within the deadline it promised (or, before its first beat, within the
+start-up deadline), the watchdog asks for its Python stacks (SIGUSR1, written by
+faulthandler; impossible when the worker is stopped or has not registered it yet),
+records a ``hang_detected`` event and kills the worker with SIGKILL: the launcher's
+restart path (torch elastic) takes over and the job resumes from its newest checkpoint.
+
+A worker is identified by its pid *and* its start time (and signalled through a pidfd
+where Linux has them), so a recycled pid is never mistaken for it; deadlines are on the
+system-wide monotonic clock, immune to wall-clock jumps.
 """
 
 from __future__ import annotations
@@ -17,10 +28,22 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ..events import append_event
+
+WATCHED_BY_LAUNCHER = "ANYCHIP_WATCHED"  # set by anychip's launcher, which watches its workers itself
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (/proc), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def process_state(pid: int) -> str | None:
@@ -46,41 +69,189 @@ def read_beat(path: Path) -> dict | None:
         return None
 
 
-def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, poll: float = 0.25) -> bool:
-    """Watch until the worker exits (False) or has been killed for hanging (True)."""
-    while True:
-        state = process_state(pid)
-        if state in (None, "Z", "X"):
-            if stacks.is_file() and stacks.stat().st_size == 0:
-                stacks.unlink(missing_ok=True)  # a worker that died some other way: no stacks were taken
+class Worker:
+    """One watched process: pid, start time, and a pidfd to signal it without a pid race."""
+
+    def __init__(self, pid: int, start: int | None = None):
+        self.pid = pid
+        self.start = start if start is not None else process_start(pid)
+        self.seen = time.monotonic()
+        self.fd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.fd = os.pidfd_open(pid)
+            except OSError:
+                self.fd = None
+        if self.start is not None and process_start(pid) != self.start:  # gone and recycled already
+            self.close()
+            self.start = -1
+
+    def state(self) -> str | None:
+        if self.start == -1 or (self.start is not None and process_start(self.pid) not in (None, self.start)):
+            return None  # the pid belongs to another process now
+        return process_state(self.pid)
+
+    def signal(self, sig: int) -> None:
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)
+            elif self.state() is not None:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def owns(self, beat: dict | None) -> bool:
+        """Whether ``beat`` was written by this process (pid and start time)."""
+        if beat is None or beat.get("pid") != self.pid:
             return False
-        beat = read_beat(heartbeat)
-        if beat is not None and beat.get("pid") == pid and beat.get("timeout_s") is not None:
-            silent = time.time() - beat["time"]
-            if silent > beat["timeout_s"]:
-                _kill(beat, pid, state, run_dir, rank, stacks, silent)
+        return beat.get("start") is None or self.start is None or beat["start"] == self.start
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def overdue(beat: dict | None, worker: Worker, startup_s: float, grace_s: float) -> tuple[float, float] | None:
+    """(silent seconds, deadline) when ``worker`` is past its deadline, else None. Before its
+    first heartbeat a worker has ``startup_s + grace_s`` from when the watch began."""
+    now = time.monotonic()
+    if worker.owns(beat):
+        if beat.get("timeout_s") is None:
+            return None  # unwatched phase (the final export and evaluation)
+        silent = now - beat["mono"] if "mono" in beat else time.time() - beat["time"]
+        return (silent, beat["timeout_s"]) if silent > beat["timeout_s"] else None
+    silent, deadline = now - worker.seen, startup_s + grace_s
+    return (silent, deadline) if silent > deadline else None
+
+
+def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, poll: float = 0.25) -> bool:
+    """Watch one worker until it exits (False) or has been killed for hanging (True)."""
+    worker = Worker(pid)
+    try:
+        while True:
+            state = worker.state()
+            if state in (None, "Z", "X"):
+                if stacks.is_file() and stacks.stat().st_size == 0:
+                    stacks.unlink(missing_ok=True)  # a worker that died some other way: no stacks were taken
+                return False
+            beat = read_beat(heartbeat)
+            late = overdue(beat, worker, float("inf"), 0.0) if worker.owns(beat) else None
+            if late is not None:
+                kill_hung(worker, state, beat, run_dir, rank, stacks, *late)
                 return True
-        time.sleep(poll)
+            time.sleep(poll)
+    finally:
+        worker.close()
 
 
-def _kill(beat: dict, pid: int, state: str, run_dir: Path, rank: int, stacks: Path, silent: float) -> None:
+def kill_hung(worker: Worker, state: str, beat: dict | None, run_dir: Path, rank: int | None, stacks: Path | None,
+              silent: float, deadline: float) -> None:  # fmt: skip
+    """Stacks where possible, a ``hang_detected`` event, SIGKILL."""
     dumped = False
-    if state != "T":  # a stopped process cannot run its signal handler
+    if state != "T" and stacks is not None and stacks.exists():  # a stopped process cannot run its handler
         size = stacks.stat().st_size if stacks.exists() else 0
-        os.kill(pid, signal.SIGUSR1)
-        deadline = time.time() + 2.0
-        while time.time() < deadline and not dumped:
+        worker.signal(signal.SIGUSR1)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and not dumped:
             time.sleep(0.05)
             dumped = stacks.exists() and stacks.stat().st_size > size
         time.sleep(0.1)  # let the dump finish
+    step, phase = (beat["step"], beat["phase"]) if beat is not None else (None, "spawned, no heartbeat yet")
     append_event(
-        run_dir, "hang_detected", rank=rank, pid=pid, step=beat["step"], phase=beat["phase"], silent_s=silent,
-        timeout_s=beat["timeout_s"], process_state=state, stacks=str(stacks) if dumped else None,
+        run_dir, "hang_detected", rank=rank, pid=worker.pid, step=step, phase=phase, silent_s=silent,
+        timeout_s=deadline, process_state=state, stacks=str(stacks) if dumped else None,
     )  # fmt: skip
-    print(f"anychip watchdog: rank {rank} (pid {pid}) made no progress for {silent:.1f} s at step {beat['step']} "
-          f"(deadline {beat['timeout_s']:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it",
+    print(f"anychip watchdog: rank {rank} (pid {worker.pid}) made no progress for {silent:.1f} s at step {step} "
+          f"({phase}; deadline {deadline:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it",
           file=sys.stderr, flush=True)  # fmt: skip
-    os.kill(pid, signal.SIGKILL)
+    worker.signal(signal.SIGKILL)
+
+
+def children(pid: int, marker: str) -> dict[int, int | None]:
+    """Child processes of ``pid`` whose command line contains ``marker``: {pid: start time}."""
+    found: dict[int, int | None] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    pids = set()
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids.update(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    for child in pids:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+        except OSError:
+            continue
+        found[child] = process_start(child)
+    return found
+
+
+def environ_rank(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"RANK="):
+                    return int(item[5:])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class ChildWatcher:
+    """A thread in the launcher that watches every worker the elastic agent spawns (its
+    child processes running ``anychip.launch``) from the moment it appears."""
+
+    def __init__(self, run_dir: Path, startup_s: float, grace_s: float, poll: float = 0.25,
+                 marker: str = "anychip.launch"):  # fmt: skip
+        self.run_dir, self.startup_s, self.grace_s, self.poll, self.marker = run_dir, startup_s, grace_s, poll, marker
+        self._stop = threading.Event()
+        self._workers: dict[tuple[int, int | None], Worker] = {}
+        self.paused = False  # e.g. while the launcher stops its workers on purpose
+        self._thread = threading.Thread(target=self._run, name="anychip-watchdog", daemon=True)
+
+    def start(self) -> ChildWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for w in self._workers.values():
+            w.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            live = children(os.getpid(), self.marker)
+            for key in list(self._workers):
+                if key not in live.items():
+                    self._workers.pop(key).close()
+            for pid, start in live.items():
+                if (pid, start) not in self._workers:
+                    self._workers[(pid, start)] = Worker(pid, start)
+            if not self.paused:
+                for w in list(self._workers.values()):
+                    self._check(w)
+
+    def _check(self, w: Worker) -> None:
+        state = w.state()
+        if state in (None, "Z", "X"):
+            return
+        rank = environ_rank(w.pid)
+        beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json") if rank is not None else None
+        late = overdue(beat, w, self.startup_s, self.grace_s)
+        if late is None:
+            return
+        stacks = self.run_dir / "stacks" / f"rank{rank}-{w.pid}.txt"  # written from the worker's start
+        kill_hung(w, state, beat if w.owns(beat) else None, self.run_dir, rank, stacks, *late)
+        self._workers.pop((w.pid, w.start), None)
+        w.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,13 @@ transformers DeepseekV3 layout. Only safetensors are read: no pickle is ever loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from safetensors.torch import save_file
 
 from .deepseek.args import ConfigError, ModelArgs, YarnScaling
 from .deepseek.model import DeepSeekV3
-from .deepseek.state_dict_adapter import hf_to_slot, to_hf
+from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
 
 
 class CheckpointError(RuntimeError):
@@ -200,10 +203,15 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+MTP_MODES = ("auto", "require", "drop")
+_HF_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 def load_hf(
     path: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    mtp: str = "auto",
     **overrides,
 ) -> DeepSeekV3:
     """Build a DeepSeekV3 from a Hugging Face directory (``config.json`` + safetensors).
@@ -211,51 +219,104 @@ def load_hf(
     The model is created on the meta device and each tensor is read once into its
     final place, so peak memory is one copy of the weights. ``overrides`` replace
     ModelArgs fields that do not change shapes (e.g. ``mtp_loss_weight``).
-    Raises ConfigError for a bad config and CheckpointError naming the file and tensor
-    for a missing, unreadable, misshapen, duplicated or non-finite tensor.
+
+    ``mtp`` says what becomes of the multi-token-prediction modules that config.json
+    declares (``num_nextn_predict_layers``):
+
+    - "auto" (default): loaded when the files hold them. When the files hold no tensor of
+      any MTP module (transformers' ``save_pretrained`` keeps the field but writes none),
+      the main model is loaded exactly, the MTP modules are initialised afresh
+      (``DeepSeekV3.init_weights``' rules, seed 0) and a warning names the directory.
+    - "require": MTP tensors absent from the files are an error like any other.
+    - "drop": the model is built without MTP modules; MTP tensors in the files are ignored.
+
+    The returned model's ``mtp_initialized`` is True when its MTP modules were initialised
+    rather than loaded (the training loop records it), else False.
+
+    Every slot of every anychip tensor (each expert of a stacked tensor, each half of a
+    fused gate/up matrix) must be given exactly once. Raises ConfigError for a bad config,
+    ValueError for an unknown ``mtp``, and CheckpointError naming the file and tensor for
+    a missing, unreadable, misshapen, duplicated or non-finite tensor, or for MTP modules
+    only partly present.
     """
+    if mtp not in MTP_MODES:
+        raise ValueError(f"mtp={mtp!r}; expected one of {MTP_MODES}")
     path = Path(path)
-    args = read_hf_config(path)
+    declared = read_hf_config(path)
+    args = declared.replace(num_nextn_predict_layers=0) if mtp == "drop" else declared
     if overrides:
         args = args.replace(**overrides)
     with torch.device("meta"):
         model = DeepSeekV3(args)
-    expected = model.state_dict()
+    state = model.state_dict()
     if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    fp32_names = {n for n in expected if n.endswith(("e_score_correction_bias", "mlp.gate.weight"))}
+        state.pop("lm_head.weight")
+    fp32_names = {n for n in state if n.endswith(("e_score_correction_bias", "mlp.gate.weight"))}
     targets = {
         n: torch.empty(t.shape, dtype=torch.float32 if n in fp32_names else dtype, device=device)
-        for n, t in expected.items()
+        for n, t in state.items()
     }
-    filled: dict[str, int] = {n: 0 for n in targets}
+    expected = {hf_to_slot(args, key): key for key, _ in to_hf(args, state)}  # every slot, with its HF name
+    filled: dict[Slot, Path] = {}
+    mtp_tensors = 0
     for file in _weight_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    _load_tensor(args, f, key, file, targets, filled)
+                    if _is_mtp(declared, key):
+                        mtp_tensors += 1
+                        if mtp == "drop":
+                            continue
+                    _load_tensor(args, f, key, file, targets, expected, filled)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-    for name, n in filled.items():
-        want = targets[name].numel()
-        if n != want:
-            raise CheckpointError(f"{path}: tensor for {name!r} missing or incomplete ({n} of {want} values)")
+    fresh_mtp = mtp == "auto" and args.num_nextn_predict_layers > 0 and mtp_tensors == 0
+    missing = [s for s in expected if s not in filled and not (fresh_mtp and s.name.startswith("mtp."))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {expected[missing[0]]!r} ({_describe(missing[0])}) is missing{more}")
+    if fresh_mtp:
+        _init_fresh(targets, [n for n in targets if n.startswith("mtp.")], args.initializer_range, seed=0)
+        warnings.warn(
+            f"{path}: config.json declares {args.num_nextn_predict_layers} MTP module(s) but the files hold no "
+            "MTP tensor; the main model is loaded exactly and the MTP modules are initialised afresh (seed 0). "
+            "Pass mtp='drop' to build the model without them.",
+            stacklevel=2,
+        )
     model.load_state_dict(targets, strict=not args.tie_word_embeddings, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.materialize_counters()
+    model.mtp_initialized = fresh_mtp
     return model
 
 
-def _load_tensor(args, f, key: str, file: Path, targets: dict, filled: dict) -> None:
+def _is_mtp(args: ModelArgs, key: str) -> bool:
+    """Whether HF tensor ``key`` belongs to one of the MTP modules ``args`` declares."""
+    m = _HF_LAYER_INDEX.match(key)
+    return m is not None and 0 <= int(m.group(1)) - args.num_hidden_layers < args.num_nextn_predict_layers
+
+
+def _describe(slot: Slot) -> str:
+    where = f"anychip {slot.name!r}"
+    if slot.expert is not None:
+        where += f", expert {slot.expert}"
+    if slot.half is not None:
+        where += ", gate rows" if slot.half == 0 else ", up rows"
+    return where
+
+
+def _load_tensor(args, f, key: str, file: Path, targets: dict, expected: dict, filled: dict) -> None:
     try:
         slot = hf_to_slot(args, key)
     except KeyError:
         raise CheckpointError(f"{file}: tensor {key!r} does not belong to this DeepSeek-V3 config") from None
     if slot is None:
         return
-    if slot.name not in targets:
-        raise CheckpointError(f"{file}: tensor {key!r} (anychip {slot.name!r}) does not belong to this config")
+    if slot not in expected:
+        raise CheckpointError(f"{file}: tensor {key!r} ({_describe(slot)}) does not belong to this config")
+    if slot in filled:
+        raise CheckpointError(f"{file}: tensor {key!r} is given more than once (also in {filled[slot]})")
     dest = slot.view(targets[slot.name])
     src = f.get_tensor(key)
     if tuple(src.shape) != tuple(dest.shape):
@@ -263,9 +324,97 @@ def _load_tensor(args, f, key: str, file: Path, targets: dict, filled: dict) -> 
     if src.is_floating_point() and not torch.isfinite(src).all():
         raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values")
     dest.copy_(src)
-    filled[slot.name] += dest.numel()
-    if filled[slot.name] > targets[slot.name].numel():
-        raise CheckpointError(f"{file}: tensor {key!r} is given more than once")
+    filled[slot] = file
+
+
+@torch.no_grad()
+def _init_fresh(targets: dict[str, torch.Tensor], names: list[str], std: float, seed: int) -> None:
+    """``DeepSeekV3.init_weights``' rules for the tensors ``names`` only: unit norms, zero
+    biases (balancing biases too), Normal(0, std) matrices drawn from a CPU generator
+    seeded with ``seed`` (the same values on every device)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name in names:
+        t = targets[name]
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen).mul_(std))
+
+
+# what save_hf and export write, and what transformers' save_pretrained writes beside them
+_EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "anychip_export.json",
+    }
+)
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_save_target(
+    path: str | os.PathLike, overwrite: bool = False, protect: str | os.PathLike | None = None
+) -> None:
+    """Raise FileExistsError, naming ``path`` and the reason, unless ``save_hf`` may write
+    ``path``; touches nothing.
+
+    Never writable (paths compared resolved, symlinks followed): the filesystem root, the
+    home directory, the current working directory, ``protect`` (e.g. the run being
+    exported), or any directory that contains one of them. An existing non-empty ``path``
+    is replaced only with ``overwrite`` and only when it holds nothing but the files of a
+    previous export (config.json, generation_config.json, model.safetensors,
+    model-NNNNN-of-NNNNN.safetensors, model.safetensors.index.json, anychip_export.json):
+    any other file, or any subdirectory, is refused and named.
+    """
+    path = Path(path)
+    real = path.resolve()
+    guarded = [(Path("/").resolve(), "the filesystem root")]
+    with contextlib.suppress(RuntimeError):  # RuntimeError: no home directory can be determined
+        guarded.append((Path.home().resolve(), "the home directory"))
+    guarded.append((Path.cwd().resolve(), "the current working directory"))
+    if protect is not None:
+        guarded.append((Path(protect).resolve(), "the run being exported"))
+    for p, what in guarded:
+        if p.is_relative_to(real):
+            relation = "is" if p == real else "contains"
+            raise FileExistsError(f"{path}: refusing to write a model here: it {relation} {what} ({p})")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    entries = sorted(path.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path}: exists and is not empty; pass overwrite=True to replace it")
+    for e in entries:
+        if not (e.is_file() and (e.name in _EXPORT_FILES or _SHARD_FILE.fullmatch(e.name))):
+            kind = "directory" if e.is_dir() else "file"
+            raise FileExistsError(
+                f"{path}: will not replace it: it holds the {kind} {e.name!r}, which is not part of a Hugging "
+                "Face export (remove it yourself, or choose another directory)"
+            )
+
+
+def remove_save_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Delete what an interrupted ``save_hf`` of ``path`` left beside it: the directories
+    ``.{name}.tmp-*`` (an unfinished write) and ``.{name}.old-*`` (a replaced export not yet
+    deleted), and return them. Call it only while no ``save_hf`` of ``path`` runs; ``path``
+    itself and anything else are never touched."""
+    path = Path(path).resolve()
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-.+")
+    removed = []
+    for p in sorted(path.parent.iterdir()):
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
 
 
 def save_hf(
@@ -274,6 +423,7 @@ def save_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    protect: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory that
     ``transformers.DeepseekV3ForCausalLM.from_pretrained`` loads.
@@ -281,12 +431,17 @@ def save_hf(
     Tensors are written in the Hub's per-expert layout, cast to ``dtype`` (default: the
     model's) except the router weights and balancing biases (float32), sharded by
     ``max_shard_bytes``. Everything is written into a temporary sibling directory that
-    replaces ``path`` only once complete: a crash leaves any earlier ``path`` intact.
-    An existing non-empty ``path`` is an error unless ``overwrite``.
+    replaces ``path`` only once complete: a crash leaves any earlier ``path`` intact (and
+    perhaps a leftover for ``remove_save_leftovers``).
+
+    Before anything is written, ``check_save_target(path, overwrite, protect)`` raises
+    FileExistsError for a path it must not replace: an existing non-empty ``path`` needs
+    ``overwrite`` and must hold only a previous export's files; the root, home, the
+    working directory and ``protect`` are never replaced.
     """
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path}: exists and is not empty; pass overwrite=True to replace it")
+    check_save_target(path, overwrite, protect)
+    real = path.resolve()  # a symlinked path: its target is replaced, the link kept
     args = model.args
     dtype = dtype or model.embed_tokens.weight.dtype
     tensors: list[tuple[str, torch.Tensor]] = []
@@ -304,8 +459,8 @@ def save_hf(
             size = 0
         shards[-1].append((name, t))
         size += nbytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
     try:
         weight_map = {}
         n = len(shards)
@@ -321,13 +476,17 @@ def save_hf(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
+        if real.exists():
+            old = real.with_name(f".{real.name}.old-{os.getpid()}")
+            real.rename(old)
+            try:
+                tmp.rename(real)
+            except BaseException:
+                old.rename(real)  # put the earlier export back
+                raise
             shutil.rmtree(old)
         else:
-            tmp.rename(path)
+            tmp.rename(real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,8 +57,9 @@ def render(run: Run) -> str:
          "MFU against the device's peak at the training dtype (CPU: a measured matmul)."),
         ("Reinforcement learning", plots.grpo(run), "Rollout rewards by component, accuracy, KL and entropy."),
         ("Expert load", plots.expert_load(run),
-         "Tokens routed to each expert per logging interval, divided by the layer's mean: 1 (white) is balanced, "
-         "red experts get more than their share, blue ones less."),
+         "Tokens routed to each expert per column (the steps since the column before; a long run's records are "
+         "summed into at most 200 columns), divided by the layer's mean: 1 (white) is balanced, red experts get "
+         "more than their share, blue ones less."),
     ]  # fmt: skip
     for title, svg, caption in figures:
         if svg is None:

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
@@ -133,32 +134,30 @@ def grpo(run: Run) -> str | None:
     return to_svg(fig)
 
 
-def expert_load(run: Run, max_layers: int = 12) -> str | None:
-    """Per MoE layer: tokens per expert over time relative to the layer's mean (1 = balanced)."""
+def expert_load(run: Run, max_layers: int = 12, max_columns: int = 200) -> str | None:
+    """Per MoE layer: tokens per expert over time relative to the layer's mean (1 = balanced). At most
+    `max_layers` layers and `max_columns` columns (adjacent records summed), the cells drawn as one image
+    per layer: the figure's size does not grow with the run's length or its number of experts."""
     by_step = {r["step"]: r for r in run.experts if r.get("tokens")}  # after a restart, the last record counts
     records = [by_step[s] for s in sorted(by_step)]
     if not records:
         return None
-    n_layers = len(records[0]["tokens"])
-    records = [r for r in records if len(r["tokens"]) == n_layers]
+    n_layers, n_experts = len(records[0]["tokens"]), len(records[0]["tokens"][0])
+    records = [r for r in records if len(r["tokens"]) == n_layers and all(len(t) == n_experts for t in r["tokens"])]
     layers = list(range(n_layers))
     if n_layers > max_layers:  # evenly spaced, first and last included
         layers = sorted({round(i * (n_layers - 1) / (max_layers - 1)) for i in range(max_layers)})
-    edges = [0] + [r["step"] for r in records]
+    edges, tokens = merge_records(records, layers, max_columns)
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(9.0, 1.9 * rows + 0.4), squeeze=False, sharex=True)
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
     image = None
-    for ax, layer in zip(axes.flat, layers):
-        grid = []
-        for r in records:
-            tokens = r["tokens"][layer]
-            mean = sum(tokens) / len(tokens) if tokens else 0
-            grid.append([t / mean if mean else 1.0 for t in tokens])
-        experts = list(range(len(grid[0]) + 1))
-        image = ax.pcolormesh(edges, experts, list(map(list, zip(*grid))), cmap="RdBu_r", norm=norm)
-        names = records[-1].get("layers") or []
+    names = records[-1].get("layers") or []
+    for ax, layer, grid in zip(axes.flat, layers, tokens):  # grid: [column, expert]
+        mean = grid.mean(axis=1, keepdims=True)
+        share = np.divide(grid, mean, out=np.ones_like(grid), where=mean > 0)
+        image = ax.pcolormesh(edges, np.arange(n_experts + 1), share.T, cmap="RdBu_r", norm=norm, rasterized=True)
         name = names[layer] if len(names) == n_layers else f"MoE layer {layer + 1}"
         ax.set_title(f"{name} (MoE {layer + 1} of {n_layers})", fontsize=8)
         ax.set_ylabel("expert")
@@ -169,6 +168,19 @@ def expert_load(run: Run, max_layers: int = 12) -> str | None:
         ax.set_xlabel("step")
     fig.colorbar(image, ax=axes, shrink=0.8, label="tokens / layer mean")
     return to_svg(fig)
+
+
+def merge_records(records: list[dict], layers: list[int], max_columns: int) -> tuple[list[int], list[np.ndarray]]:
+    """The expert records (in step order, each the tokens since the one before) as at most `max_columns`
+    columns, each the sum of adjacent records: (column edges in steps, from 0; per layer in `layers` an
+    array [column, expert])."""
+    per_column = math.ceil(len(records) / max_columns)
+    groups = [records[i : i + per_column] for i in range(0, len(records), per_column)]
+    edges = [0] + [g[-1]["step"] for g in groups]
+    grids = [
+        np.array([np.sum([r["tokens"][layer] for r in g], axis=0) for g in groups], dtype=float) for layer in layers
+    ]
+    return edges, grids
 
 
 def timeline(run: Run) -> str | None:

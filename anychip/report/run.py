@@ -1,12 +1,14 @@
 """Everything a run directory says about its run, read without touching the run: config.toml,
-events.jsonl, metrics.jsonl, experts.jsonl, eval.json, fatal.json and the heartbeats. Works while the run
-is still writing (a last line cut short is skipped) and on runs with a single step."""
+events.jsonl, metrics.jsonl, eval.json, fatal.json and the heartbeats, and experts.jsonl (the largest,
+read only when asked for: the report's heatmaps). Works while the run is still writing (a last line cut
+short is skipped) and on runs with a single step."""
 
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from statistics import median
 
@@ -26,12 +28,17 @@ class Run:
     config: dict  # the resolved config.toml (launch.toml while a launch has not written it yet)
     events: list[dict]
     metrics: list[dict]  # every step record, a recomputed step again after a restart
-    experts: list[dict]  # {"step", "time", "tokens": [[per expert] per MoE layer]}
     eval: dict | None  # eval.json: held-out accuracy after training
     goodput: Goodput
     state: str  # running | finished | failed | stopped | interrupted
     state_detail: str = ""
     start: dict = field(default_factory=dict)  # the first run_start event (device, world size, ...)
+
+    @cached_property
+    def experts(self) -> list[dict]:
+        """experts.jsonl, read at the first use: {"step", "time", "layers", "tokens": [[per expert] per MoE
+        layer]}, each record the tokens of the steps since the record before."""
+        return read_jsonl(self.path / "experts.jsonl")
 
     @property
     def is_grpo(self) -> bool:
@@ -54,7 +61,8 @@ class Run:
 
 
 def load_run(path: str | Path, now: float | None = None) -> Run:
-    """Read the run directory; FileNotFoundError names it when it holds no run (no events.jsonl)."""
+    """Read the run directory (experts.jsonl only later, when ``Run.experts`` is used); FileNotFoundError
+    names it when it holds no run (no events.jsonl)."""
     path = Path(path)
     if not (path / "events.jsonl").is_file():
         what = "does not exist" if not path.exists() else "is not a run directory (no events.jsonl)"
@@ -72,8 +80,7 @@ def load_run(path: str | Path, now: float | None = None) -> Run:
         except json.JSONDecodeError:
             eval_result = None  # being written
     start = next((e for e in events if e["event"] == "run_start"), {})
-    run = Run(path, config, events, metrics, read_jsonl(path / "experts.jsonl"), eval_result,
-              goodput_of(events, metrics), "", start=start)  # fmt: skip
+    run = Run(path, config, events, metrics, eval_result, goodput_of(events, metrics), "", start=start)
     run.state, run.state_detail = _state(run, now if now is not None else time.time())
     return run
 

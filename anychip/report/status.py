@@ -1,4 +1,5 @@
-"""`anychip status`: the report's summary in the terminal."""
+"""`anychip status`: the report's summary in the terminal. Reads no experts.jsonl. Every value is printed
+as text, never as rich markup: paths, error strings and config values may hold brackets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .run import Run
 from .summary import fault_rows, overview
@@ -14,6 +16,7 @@ STYLE = {"finished": "green", "running": "blue", "failed": "red", "stopped": "re
 
 
 def print_status(run: Run, as_json: bool = False, console: Console | None = None) -> None:
+    """Print the summary and the faults by kind of ``run`` as tables (as JSON to stdout with ``as_json``)."""
     console = console or Console(highlight=False)
     rows = overview(run)
     faults = fault_rows(run)
@@ -25,10 +28,10 @@ def print_status(run: Run, as_json: bool = False, console: Console | None = None
     table.add_column(style="bold")
     table.add_column()
     for label, value in rows:
-        table.add_row(label, f"[{STYLE[run.state]}]{value}[/]" if label == "state" else value)
+        table.add_row(Text(label), Text(value, style=STYLE[run.state] if label == "state" else ""))
     console.print(table)
     if faults:
         ft = Table("fault", "count", "injected", "detected", "median latency", "time lost", title="faults by kind")
         for row in faults:
-            ft.add_row(*row)
+            ft.add_row(*map(Text, row))
         console.print(ft)

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from ..chaos import install as install_chaos
-from ..checkpoint import Checkpointer, checkpoint_due
+from ..checkpoint import Checkpointer, checkpoint_due, step_dir
 from ..config import Config, ConfigError
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
@@ -39,9 +40,12 @@ from ..eval import EvalResult, evaluate, heldout_loss, loss_due, reduce_result, 
 from ..export import load_init
 from ..guards import install as install_guards
 from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
-from ..models import DeepSeekV3, count_parameters, save_hf, training_flops_per_token
+from ..models import CheckpointError, DeepSeekV3, count_parameters, save_hf, training_flops_per_token
+from ..models.deepseek.args import SHAPE_FREE
+from ..models.hf import remove_save_leftovers
 from ..parallel import World, all_reduce_sum, close_world, full_state_dict, init_world, parallelize, unwrap
 from .optim import build_optimizer, lr_at, set_lr
+from .preempt import Preemption
 from .runlog import RunLog, append_event, read_jsonl
 
 HOOK_POINTS = (
@@ -98,9 +102,10 @@ class TrainState:
     heartbeat: object = None  # the hang watchdog's heartbeat writer (anychip.guards.heartbeat)
     metrics: dict = field(default_factory=dict)
     extra_metrics: dict = field(default_factory=dict)  # guards' figures for the step in progress
-    expert_tokens: torch.Tensor | None = None  # tokens per expert [MoE layers, N_r] since the last log line
     eval: EvalResult | None = None
     ref_model: torch.nn.Module | None = None  # GRPO: the frozen reference policy (checkpointed)
+    preemption: Preemption | None = None  # SIGTERM/SIGINT/SIGUSR2 asked the run to stop at a step boundary
+    preempted: bool = False  # stopped by a preemption, with a checkpoint of the last step
 
 
 def build_source(cfg: Config, split: str = "train"):
@@ -136,9 +141,10 @@ def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> D
     """Random init (identical on every rank) or the model ``init_from`` names: a Hugging Face
     directory, a run (its final model, else its newest checkpoint) or a checkpoint."""
     if cfg.model.init_from:
-        model = load_init(
-            cfg.model.init_from, device=device.torch_device(world.local_rank), **_shape_free(cfg.model.overrides)
-        )
+        with input_error("model.init_from", cfg.model.init_from):
+            shape_free = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FREE}
+            # the config refused shape fields that differ from the model's own
+            model = load_init(cfg.model.init_from, device=device.torch_device(world.local_rank), **shape_free)
         if model.args.vocab_size < vocab_size:
             raise ValueError(
                 f"model.init_from {cfg.model.init_from}: vocab_size {model.args.vocab_size} < tokenizer's "
@@ -151,11 +157,6 @@ def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> D
     model.to_empty(device=device.torch_device(world.local_rank))
     model.init_weights(seed=cfg.train.seed)
     return model
-
-
-def _shape_free(overrides: dict) -> dict:
-    keep = ("mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed")
-    return {k: v for k, v in overrides.items() if k in keep}
 
 
 def autocast_dtype(cfg: Config, device: Device) -> torch.dtype | None:
@@ -177,10 +178,12 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
     hooks = hooks or Hooks()
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
     world = init_world(device, cfg.guards.collective_timeout_s)
-    log = RunLog(run_dir, world.is_main, cfg.train.steps, cfg.log.tensorboard, cfg.log.progress)
+    log = RunLog(run_dir, world.is_main, cfg.train.steps, cfg.log.tensorboard, cfg.log.progress, cfg.train.log_interval)
+    preemption = Preemption()
     state = None
     try:
         state = _setup(cfg, run_dir, device, world, log, hooks)
+        state.preemption = preemption
         _run(state, hooks)
         return state
     except BaseException as e:
@@ -190,6 +193,7 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         log.event("run_end", status="error", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        preemption.close()
         hooks.close()
         log.close()
         close_world(world)
@@ -199,7 +203,8 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     device.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    with input_error("data.tokenizer", cfg.data.tokenizer):
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg, tokenizer.vocab_size, device, world)
     model.train()
     rl = cfg.train.mode == "grpo"
@@ -212,16 +217,19 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     model = parallelize(model, world, cfg.parallel.strategy)
     optimizer = build_optimizer(model, cfg.train, device)
     data = None
-    if not rl:
-        data = TokenBatches(
-            build_source(cfg, "train"), tokenizer, cfg.train.seq_len, cfg.train.global_batch,
-            world.rank, world.world_size, cfg.train.mode,
-        )  # fmt: skip
+    with input_error("data", _data_spec(cfg)):
+        source = build_source(cfg, "train")
+        if not rl:
+            data = TokenBatches(
+                source, tokenizer, cfg.train.seq_len, cfg.train.global_batch, world.rank, world.world_size,
+                cfg.train.mode,
+            )  # fmt: skip
     state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer, ref_model=ref)
     if rl:
         from ..rl.grpo import RolloutBatches
 
-        state.data = RolloutBatches(state, build_source(cfg, "train"))
+        with input_error("grpo", "the rollout source"):
+            state.data = RolloutBatches(state, source)
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -234,6 +242,13 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     )  # fmt: skip
     if restart:
         log.event("restart", count=restart)
+    if getattr(unwrap(model), "mtp_initialized", False):
+        log.event("mtp_initialized", init_from=cfg.model.init_from, layers=args.num_nextn_predict_layers)
+        log.print(f"[yellow]{escape(cfg.model.init_from)} has no MTP weights: the MTP module starts freshly "
+                  "initialised[/yellow]")  # fmt: skip
+    if world.is_main:
+        for leftover in remove_save_leftovers(run_dir / "final"):  # a final save cut short by a crash
+            log.event("final_save_cleanup", path=str(leftover))
     state.checkpointer = Checkpointer(state, run_dir / "checkpoints")
     install_guards(state, hooks)  # the watchdog watches from here on
     install_chaos(state, hooks)
@@ -252,9 +267,29 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
         f"anychip train: {cfg.model.preset} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active) on "
         f"{world.world_size} x {device.type} ({device.name()}), {cfg.train.mode} on "
         f"{cfg.data.source}:{','.join(cfg.data.tasks) if cfg.data.source == 'reasoning_gym' else cfg.data.path}"
-        f" -> {run_dir}"
+        f" -> {escape(str(run_dir))}"
     )
     return state
+
+
+@contextlib.contextmanager
+def input_error(key: str, value):
+    """Errors that are the input's fault (a tokenizer file of garbage, an empty corpus, task
+    options reasoning-gym refuses) become ConfigErrors naming the key and its value: the
+    worker then writes fatal.json and no restart repeats them."""
+    try:
+        yield
+    except (ConfigError, CheckpointError):
+        raise
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{key} = {value!r}: {e}") from None
+
+
+def _data_spec(cfg: Config) -> str:
+    d = cfg.data
+    if d.source == "reasoning_gym":
+        return f"reasoning_gym tasks {d.tasks} with task_options {d.task_options}"
+    return f"{d.source} corpus {d.path}"
 
 
 def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
@@ -283,6 +318,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
             f"(global_batch {cfg.train.global_batch} / world size {world.world_size})"
         )
     amp = autocast_dtype(cfg, device)
+    moe_names = core.moe_layer_names()
     flops_per_token, _, _ = training_flops_per_token(args, cfg.train.seq_len)
     peak = device.peak_flops(amp or torch.float32)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -348,16 +384,17 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         if heldout and loss_due(cfg, step):
             state.metrics["eval_loss"] = heldout_loss(model, heldout, micro, amp, device.type, world)
         log.metrics(step, state.metrics)
-        state.expert_tokens = loads if state.expert_tokens is None else state.expert_tokens + loads
+        log.expert_load(step, loads, moe_names)  # the report's heatmaps (bounded in size)
         if rl and cfg.grpo.ref_reset_interval and step % cfg.grpo.ref_reset_interval == 0:
             reset_reference(state)
         if checkpoint_due(cfg, step):
             state.checkpointer.save(step)
         hooks("after_step", state)
+        if _step_boundary(cfg, step) and state.preemption is not None and state.preemption.requested(world):
+            _preempt(state)
+            return
         log.advance(step, f"loss {losses['loss']:.3f}")
         if step % cfg.train.log_interval == 0 or step == 1 or step == cfg.train.steps:
-            log.expert_load(step, state.expert_tokens, core.moe_layer_names())  # the report's heatmaps
-            state.expert_tokens = None
             m = state.metrics
             mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
             if rl:
@@ -379,6 +416,29 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     train_time = time.perf_counter() - t_start
     _finish(state, train_time)
     hooks("on_end", state)
+
+
+def _step_boundary(cfg: Config, step: int) -> bool:
+    """Whether a run may stop after ``step`` and resume exactly: GRPO only between rollout batches."""
+    return cfg.train.mode != "grpo" or step % (cfg.grpo.iterations * cfg.grpo.minibatches) == 0
+
+
+def _preempt(state: TrainState) -> None:
+    """Stop at this step boundary: a checkpoint of this step, a ``preempted`` event, no final export."""
+    cfg, step, log, p = state.cfg, state.step, state.log, state.preemption
+    if state.heartbeat is not None:
+        state.heartbeat.beat(step, "preempt", cfg.guards.watchdog_startup_s)  # a checkpoint write
+    if not checkpoint_due(cfg, step):  # else the save of this step is already under way
+        state.checkpointer.save(step)
+    state.checkpointer.wait()
+    saved = step_dir(state.checkpointer.root, step)
+    log.event("preempted", step=step, signal=p.signal, checkpoint=str(saved) if saved.is_dir() else None,
+              stop_s=time.monotonic() - p.since if p.since is not None else None)  # fmt: skip
+    log.event("run_end", status="preempted", steps=step)
+    log.print(f"preempted ({p.signal or 'signal on another rank'}) after step {step}; checkpoint "
+              f"{escape(str(saved)) if saved.is_dir() else 'NOT saved'}; continue with: anychip train --resume "
+              f"{escape(str(state.run_dir))}")  # fmt: skip
+    state.preempted = True
 
 
 def _carry_out(state: TrainState, agreed: Agreement, hooks: Hooks) -> None:
@@ -424,7 +484,7 @@ def _carry_out(state: TrainState, agreed: Agreement, hooks: Hooks) -> None:
     state.step, state.batch = back, None
     log.event("rollback", from_step=step, to_step=back, reason=reason, skipped=skipped,
               duration_s=time.perf_counter() - t0)  # fmt: skip
-    log.print(f"[yellow]step {step}: {reason}; rolled back to step {back}"
+    log.print(f"[yellow]step {step}: {escape(reason)}; rolled back to step {back}"
               + (f", skipping batches {skipped[0]}-{skipped[1]}" if skipped else "") + "[/yellow]")  # fmt: skip
     hooks("after_rollback", state)
 
@@ -542,9 +602,11 @@ def _finish(state: TrainState, train_time: float) -> None:
         )
         state.eval = result
         log.print(f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}; exactly right: "
-                  f"{result.exact_accuracy:.1%}) on {cfg.data.tasks}")  # fmt: skip
+                  f"{result.exact_accuracy:.1%}) on {escape(str(cfg.data.tasks))}")  # fmt: skip
         for s in result.samples[:3]:
-            log.print(f"  {s['prompt'].strip()!r} -> {s['output']!r} (answer {s['answer']}, score {s['score']:g})")
+            log.print(
+                escape(f"  {s['prompt'].strip()!r} -> {s['output']!r} (answer {s['answer']}, score {s['score']:g})")
+            )
         if world.is_main:
             (state.run_dir / "eval.json").write_text(
                 json.dumps(

@@ -15,6 +15,11 @@ class ConfigError(ValueError):
     """A model configuration value is missing, unknown or impossible."""
 
 
+# ModelArgs fields that change no tensor shape: a resume, or a run started from another
+# model (``model.init_from``), may set them
+SHAPE_FREE = frozenset({"mtp_loss_weight", "seq_aux_loss_alpha", "bias_update_speed", "initializer_range", "hf_extra"})
+
+
 @dataclass(frozen=True)
 class YarnScaling:
     """YaRN context extension of RoPE (DeepSeek-V2 §B.2, Peng et al. 2023)."""
