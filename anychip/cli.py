@@ -194,7 +194,7 @@ def _eval(a: argparse.Namespace) -> int:
     path = Path(a.path)
     tokenizer_spec, tasks, seed, options = a.tokenizer, a.task, 0, {}
     if (path / "config.toml").is_file():  # a run directory: its own held-out split
-        cfg = load_config(path / "config.toml")
+        cfg = load_config(path / "config.toml", check_inputs=False)  # no corpus needed; no reward module imported
         tokenizer_spec = tokenizer_spec or cfg.data.tokenizer
         if not tasks or tasks == cfg.data.tasks:
             tasks, options = cfg.data.tasks, cfg.data.task_options

@@ -262,3 +262,35 @@ def test_init_from_with_a_shape_override_is_an_error_naming_the_key(tmp_path, de
         load_config(None, [*RUN, init, "model.hidden_size=48"])
     # the model's own value, and shape-free keys, are fine
     load_config(None, [*RUN, init, "model.hidden_size=32", "model.mtp_loss_weight=0.5"])
+
+
+# -- a run from elsewhere ------------------------------------------------------------------
+
+
+def test_a_copied_run_exports_evaluates_and_reports_without_its_inputs_and_runs_no_reward_module(tmp_path):
+    from anychip.checkpoint import committed, write_manifest
+
+    run = tmp_path / "run"
+    train(load_config(None, [*RUN, "train.steps=4", "checkpoint.interval=4"]), run)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    touched = tmp_path / "reward-module-was-imported"
+    (evil / "shipped_reward.py").write_text(f"open({str(touched)!r}, 'w').close()\ndef f(**kw):\n    return [0.0]\n")
+    # what a run from elsewhere looks like: a reward module we do not have, a corpus and an
+    # init_from directory that are not here (and a manifest recomputed to match)
+    for config in [run / "config.toml", committed(run / "checkpoints")[0] / "config.toml"]:
+        text = config.read_text().replace('init_from = ""', f'init_from = "{tmp_path / "gone"}"')
+        text = text.replace('path = ""', f'path = "{tmp_path / "gone.jsonl"}"')
+        config.write_text(text.replace("[grpo.rewards]", '[grpo.rewards]\n"shipped_reward:f" = 1.0'))
+    write_manifest(committed(run / "checkpoints")[0])
+    assert "shipped_reward:f" in (run / "config.toml").read_text()
+    env = {**ENV, "PYTHONPATH": f"{evil}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    for args in (["export", str(run), "--out", str(tmp_path / "hf")], ["eval", str(run), "--n", "2"],
+                 ["status", str(run)], ["report", str(run)]):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+    assert not touched.exists()
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (run / "report.html").is_file()
+    # training from it checks every input (and imports its reward modules: training runs them)
+    with pytest.raises(ConfigError, match="model.init_from"):
+        load_config(run / "config.toml")
