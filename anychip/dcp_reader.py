@@ -34,6 +34,7 @@ ALLOWED = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # how torch pickles a layout (torch.strided)
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib._local", "PosixPath"),  # ... as Python 3.13 pickles it
     *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
 }  # fmt: skip
 

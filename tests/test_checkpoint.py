@@ -74,7 +74,8 @@ def test_sigkill_at_random_steps_resumes_bit_identical(reference, tmp_path):
     for k in sorted(rng.sample(range(1, 16), 3)):
         run = tmp_path / f"kill_at_{k}"
         p = worker(run)
-        kill_when(p, run, lambda ev, m, k=k: len(m) >= k)
+        # at step k, once the step-0 checkpoint (written in the background) is committed
+        kill_when(p, run, lambda ev, m, k=k: len(m) >= k and any(e["event"] == "checkpoint_commit" for e in ev))
         finish(worker(run))  # the same command again: it resumes
         assert_identical(weights(run), weights(reference))
         loads = [e for e in lines(run / "events.jsonl") if e["event"] == "checkpoint_load"]
