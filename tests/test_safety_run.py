@@ -296,3 +296,14 @@ def test_a_copied_run_exports_evaluates_and_reports_without_its_inputs_and_runs_
     # training from it checks every input (and imports its reward modules: training runs them)
     with pytest.raises(ConfigError, match="model.init_from"):
         load_config(run / "config.toml")
+
+
+def test_start_up_removes_leftovers_of_an_interrupted_final_save_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    for name in (".final.tmp-x1y2", ".final.old-4242", ".final-notes"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(b"\0" * 64)
+    train(load_config(None, [*RUN, "train.steps=1", "checkpoint.interval=0"]), run)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".final")) == [".final-notes"]
+    cleaned = sorted(e["path"] for e in lines(run / "events.jsonl") if e["event"] == "final_save_cleanup")
+    assert cleaned == [str(run / ".final.old-4242"), str(run / ".final.tmp-x1y2")]
