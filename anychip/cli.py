@@ -99,7 +99,7 @@ def launch_workers(cfg, run_dir: Path) -> int:
     if watcher is not None:
         os.environ[WATCHED_BY_LAUNCHER] = "1"
         watcher.start()
-    preemption = _Preemption(cfg.parallel.preempt_grace_s, watcher)
+    preemption = _Preemption(cfg.parallel.preempt_grace_s)
     done = threading.Event()
     threading.Thread(target=_stop_on_fatal, args=(fatal, done), daemon=True).start()
     try:
@@ -113,6 +113,9 @@ def launch_workers(cfg, run_dir: Path) -> int:
         if preemption.signal is not None:
             print(f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
                   f"{cfg.parallel.preempt_grace_s:g} s and were killed", file=sys.stderr)  # fmt: skip
+            return 1
+        if isinstance(e, SignalException):
+            print(f"anychip: stopped by {e.sigval.name}", file=sys.stderr)
             return 1
         print(f"anychip: workers failed after {cfg.parallel.max_restarts} restarts: {e}", file=sys.stderr)
         return 1
@@ -142,11 +145,11 @@ class _Preemption:
     """The launcher's side of a preemption: SIGTERM/SIGINT become the workers' preemption
     signal; after the grace period (or a second signal) the workers are killed."""
 
-    def __init__(self, grace_s: float, watcher):
+    def __init__(self, grace_s: float):
         from .guards.watchdog import children
         from .train.preempt import PREEMPT_SIGNAL
 
-        self.grace_s, self.watcher, self._children, self._sig = grace_s, watcher, children, PREEMPT_SIGNAL
+        self.grace_s, self._children, self._sig = grace_s, children, PREEMPT_SIGNAL
         self.signal: str | None = None
         self._timer: threading.Timer | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -228,7 +228,7 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
     if rl:
         from ..rl.grpo import RolloutBatches
 
-        with input_error("grpo", "the rollout source"):
+        with input_error("grpo.rewards", cfg.grpo.rewards):  # imports the reward functions it names
             state.data = RolloutBatches(state, source)
     args = unwrap(model).args
     total, active = count_parameters(args, include_mtp=True)
