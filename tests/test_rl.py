@@ -4,6 +4,7 @@ kill and resume). TRL parity of the losses is in test_rl_trl_parity.py."""
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,19 @@ def test_two_process_grpo(sft_run, tmp_path, strategy):
     # 4 prompts x 4 completions, two prompts per rank: every completion counted once
     assert all(m["generated_tokens"] <= 16 * 12 and m["groups_short"] == 0 for m in metrics)
     assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 for m in metrics)
+
+
+def test_grpo_preempted_mid_rollout_stops_at_the_rollout_boundary_and_resumes_bit_identical(sft_run, tmp_path):
+    sets = ["train.steps=8", "grpo.iterations=2", "checkpoint.interval=4"]
+    grpo(tmp_path / "ref", sft_run, *sets)
+    hooks = Hooks()  # the signal arrives after step 5, inside the rollout batch of steps 5-6
+    hooks.add("after_step", lambda state: state.step == 5 and os.kill(os.getpid(), signal.SIGUSR2))
+    run = tmp_path / "preempted"
+    state = grpo(run, sft_run, *sets, hooks=hooks)
+    assert state.preempted and state.step == 6
+    stop = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]
+    assert [e["step"] for e in stop] == [6] and stop[0]["signal"] == "SIGUSR2"
+    assert not (run / "final").exists()  # no final export: the run is not over
+    train(load_config(run / "config.toml"), run)  # what `anychip grpo --resume` does
+    a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

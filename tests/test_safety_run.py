@@ -307,3 +307,20 @@ def test_start_up_removes_leftovers_of_an_interrupted_final_save_and_nothing_els
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".final")) == [".final-notes"]
     cleaned = sorted(e["path"] for e in lines(run / "events.jsonl") if e["event"] == "final_save_cleanup")
     assert cleaned == [str(run / ".final.old-4242"), str(run / ".final.tmp-x1y2")]
+
+
+def test_the_watchdog_knows_its_worker_by_pid_and_start_time_on_the_monotonic_clock():
+    from anychip.guards.watchdog import Worker, overdue, process_start
+
+    me = Worker(os.getpid())
+    assert me.start == process_start(os.getpid()) and me.state() in ("R", "S")
+    assert Worker(os.getpid(), start=me.start + 1).state() is None  # same pid, another process: not it
+    beat = {"pid": os.getpid(), "start": me.start, "mono": time.monotonic() - 5, "time": 0.0, "timeout_s": 3.0}
+    assert overdue(beat, me, 600, 5)[1] == 3.0  # its own beat: 5 s silent against 3 s (the wall clock is ignored)
+    assert overdue({**beat, "timeout_s": 10.0}, me, 600, 5) is None
+    assert overdue({**beat, "timeout_s": None}, me, 600, 5) is None  # an unwatched phase
+    stranger = {**beat, "start": me.start + 1}  # a beat of an earlier process with the same pid
+    assert overdue(stranger, me, 600, 5) is None  # not its beat: the start-up deadline (605 s) applies
+    me.seen -= 700
+    assert overdue(stranger, me, 600, 5)[1] == 605
+    me.close()
