@@ -44,6 +44,27 @@ def to_transformers(model: DeepSeekV3, path):
     return peer.eval()
 
 
+def transformers_deepseek(path, **config):
+    """A small DeepseekV3ForCausalLM made and saved (``save_pretrained``) by transformers itself,
+    with non-trivial routing; ``config`` adds DeepseekV3Config fields (e.g. the MTP layers)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=80, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, max_position_embeddings=64, **config,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    peer = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # untrained routers and biases are all zero: make routing non-trivial
+        for layer in peer.model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    peer.save_pretrained(path)
+    return peer
+
+
 @pytest.fixture
 def debug_args() -> ModelArgs:
     return preset("debug")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_args, make_model, to_transformers
+from conftest import make_args, make_model, to_transformers, transformers_deepseek
 
 from anychip.models import YarnScaling, load_hf
 
@@ -38,21 +38,7 @@ def test_logits_match_transformers(name, tmp_path):
 
 
 def test_load_checkpoint_written_by_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=80, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
-        first_k_dense_replace=1, max_position_embeddings=64, num_mtp_layers=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    peer = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # untrained routers and biases are all zero: make routing non-trivial
-        for layer in peer.model.layers[1:]:
-            layer.mlp.gate.weight.normal_(0, 0.5)
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    peer.save_pretrained(tmp_path / "peer")
+    peer = transformers_deepseek(tmp_path / "peer", num_mtp_layers=0)
     ours = load_hf(tmp_path / "peer").eval()
     x = torch.randint(0, 80, (2, 19))
     with torch.no_grad():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_args, make_model
+from conftest import make_args, make_model, transformers_deepseek
 from safetensors.torch import load_file, save_file
 
 from anychip.checkpoint import committed
@@ -130,28 +130,8 @@ def test_leftovers_of_an_interrupted_save_are_removed_and_nothing_else(tmp_path)
     assert remove_save_leftovers(tmp_path / "missing" / "final") == []
 
 
-def _transformers_directory(path: Path):
-    """A DeepseekV3ForCausalLM with one MTP layer declared, saved by transformers itself."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=80, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
-        first_k_dense_replace=1, max_position_embeddings=64, num_nextn_predict_layers=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    peer = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # untrained routers and biases are all zero: make routing non-trivial
-        for layer in peer.model.layers[1:]:
-            layer.mlp.gate.weight.normal_(0, 0.5)
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    peer.save_pretrained(path)
-    return peer
-
-
 def test_transformers_save_pretrained_directory_loads_exactly_with_fresh_deterministic_mtp(tmp_path):
-    peer = _transformers_directory(tmp_path / "peer")
+    peer = transformers_deepseek(tmp_path / "peer", num_nextn_predict_layers=1)
     assert json.loads((tmp_path / "peer" / "config.json").read_text())["num_nextn_predict_layers"] == 1
     with pytest.warns(UserWarning, match=f"{tmp_path / 'peer'}.*no MTP tensor"):
         ours = load_hf(tmp_path / "peer").eval()
@@ -171,7 +151,7 @@ def test_transformers_save_pretrained_directory_loads_exactly_with_fresh_determi
 
 
 def test_mtp_drop_builds_no_mtp_modules_and_mtp_require_insists_on_them(tmp_path):
-    peer = _transformers_directory(tmp_path / "peer")
+    peer = transformers_deepseek(tmp_path / "peer", num_nextn_predict_layers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours = load_hf(tmp_path / "peer", mtp="drop").eval()

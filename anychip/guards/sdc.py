@@ -86,13 +86,13 @@ class RecomputeAudit:
         model = state.model
         core = unwrap(model)
         sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2: gradients would be reduce-scattered
-        from ..train.loop import _autocast, autocast_dtype
+        from ..train.loop import autocast, autocast_dtype
 
         def objective(out):
             total = out.lm_loss + sum(out.mtp_losses)
             return total if out.balance_loss is None else total + out.balance_loss
 
-        with _autocast(state.device, autocast_dtype(state.cfg, state.device)):
+        with autocast(state.device, autocast_dtype(state.cfg, state.device)):
             if sharded:
                 with torch.no_grad():
                     loss = objective(model(x, labels=y, reduction="sum")).detach()

@@ -276,7 +276,6 @@ def load_hf(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: tensor {expected[missing[0]]!r} ({_describe(missing[0])}) is missing{more}")
     if fresh_mtp:
-        _init_fresh(targets, [n for n in targets if n.startswith("mtp.")], args.initializer_range, seed=0)
         warnings.warn(
             f"{path}: config.json declares {args.num_nextn_predict_layers} MTP module(s) but the files hold no "
             "MTP tensor; the main model is loaded exactly and the MTP modules are initialised afresh (seed 0). "
@@ -287,6 +286,8 @@ def load_hf(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.materialize_counters()
+    if fresh_mtp:  # their tensors were left as torch.empty above
+        model.init_weights(seed=0, prefix="mtp.")
     model.mtp_initialized = fresh_mtp
     return model
 
@@ -325,22 +326,6 @@ def _load_tensor(args, f, key: str, file: Path, targets: dict, expected: dict, f
         raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values")
     dest.copy_(src)
     filled[slot] = file
-
-
-@torch.no_grad()
-def _init_fresh(targets: dict[str, torch.Tensor], names: list[str], std: float, seed: int) -> None:
-    """``DeepSeekV3.init_weights``' rules for the tensors ``names`` only: unit norms, zero
-    biases (balancing biases too), Normal(0, std) matrices drawn from a CPU generator
-    seeded with ``seed`` (the same values on every device)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name in names:
-        t = targets[name]
-        if name.endswith("norm.weight"):
-            t.fill_(1.0)
-        elif name.endswith("bias"):
-            t.zero_()
-        else:
-            t.copy_(torch.randn(t.shape, generator=gen).mul_(std))
 
 
 # what save_hf and export write, and what transformers' save_pretrained writes beside them

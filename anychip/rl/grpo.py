@@ -305,7 +305,7 @@ class RolloutBatches:
 def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) -> dict:
     """Gradients of the configured GRPO-family loss on ``batch`` (one minibatch), with the
     normalisers of the whole global minibatch; returns the step's figures."""
-    from ..train.loop import _autocast, _no_sync
+    from ..train.loop import autocast, no_sync
 
     g = cfg.grpo
     core = unwrap(model)
@@ -321,8 +321,8 @@ def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) 
     for i, start in enumerate(chunks):
         sl = slice(start, start + micro)
         x, m = ids[sl].to(dev), mask[sl].to(dev)
-        with _no_sync(model, i == len(chunks) - 1):
-            with _autocast(device, amp):
+        with no_sync(model, i == len(chunks) - 1):
+            with autocast(device, amp):
                 logits = model(x)
             logp_all = log_softmax(logits, g.temperature)
             logp = logp_all.gather(-1, targets[sl].to(dev).unsqueeze(-1)).squeeze(-1)

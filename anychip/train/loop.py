@@ -508,8 +508,8 @@ def forward_backward(model, batch: dict, micro: int, amp, device: Device, world:
     for i, start in enumerate(chunks):
         last = i == len(chunks) - 1
         x, y = ids[start : start + micro].to(dev), labels[start : start + micro].to(dev)
-        with _no_sync(model, last):
-            with _autocast(device, amp):
+        with no_sync(model, last):
+            with autocast(device, amp):
                 out = model(x, labels=y, reduction="sum")
             objective = out.lm_loss / counts[0].item()
             for k, term in enumerate(out.mtp_losses, start=1):
@@ -534,7 +534,9 @@ def forward_backward(model, batch: dict, micro: int, amp, device: Device, world:
     return out
 
 
-def _no_sync(model, last: bool):
+def no_sync(model, last: bool):
+    """Gradient-sync control of one micro-batch: DDP's ``no_sync`` or FSDP2's
+    ``set_requires_gradient_sync(False)`` on all but the ``last`` micro-batch."""
     if last:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
@@ -553,7 +555,8 @@ class _ResyncFSDP(contextlib.AbstractContextManager):
         self.model.set_requires_gradient_sync(True)
 
 
-def _autocast(device: Device, dtype):
+def autocast(device: Device, dtype):
+    """torch.autocast on ``device`` at ``dtype``; nothing when ``dtype`` is None (float32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -451,27 +451,33 @@ class DeepSeekV3(nn.Module):
     # -- initialisation --------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) matrices, unit norms, zero biases and balancing bias."""
+    def init_weights(self, seed: int | None = None, prefix: str = "") -> None:
+        """Normal(0, initializer_range) matrices, unit norms, zero biases and balancing bias;
+        only of the parameters and MoE layers whose names start with ``prefix`` (e.g. "mtp."
+        for MTP modules a checkpoint lacks)."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.args.initializer_range
         for name, p in self.named_parameters():
+            if not name.startswith(prefix):
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p))
-        self.reset_buffers()
+        self.reset_buffers(prefix)
 
     @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """Zero the balancing biases and expert-load counters (after meta init or to_empty)."""
-        for m in self.moe_layers():
-            m.gate.e_score_correction_bias.zero_()
-            m.expert_load.zero_()
+    def reset_buffers(self, prefix: str = "") -> None:
+        """Zero the balancing biases and expert-load counters (after meta init or to_empty) of
+        the MoE layers whose names start with ``prefix``."""
+        for name, m in self.named_modules():
+            if isinstance(m, MoE) and name.startswith(prefix):
+                m.gate.e_score_correction_bias.zero_()
+                m.expert_load.zero_()
 
     @torch.no_grad()
     def clear_expert_loads(self) -> None:
