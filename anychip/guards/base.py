@@ -64,17 +64,20 @@ class Agreement:
     skip_data: bool
     winner: int  # the rank whose verdict was agreed on (it records the event)
     lateness: list[float]  # per rank: seconds after the first rank that it reached the agreement
+    stop_requested: bool = False  # some rank was asked to stop (a preemption signal)
 
 
-def agree(verdicts: list[Verdict], world) -> Agreement:
-    """The strongest verdict over all ranks (with its rollback target) and each rank's
-    arrival time: one all-gather of four numbers per rank per step."""
+def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agreement:
+    """The strongest verdict over all ranks (with its rollback target), each rank's
+    arrival time and whether any rank was asked to stop: one all-gather of five numbers
+    per rank per step."""
     mine = max(verdicts, key=lambda v: v.action, default=None)
     row = [
         float(mine.action) if mine else 0.0,
         time.time(),
         float(mine.before) if mine and mine.before is not None else -1.0,
         1.0 if mine and mine.skip_data else 0.0,
+        1.0 if stop_requested else 0.0,
     ]
     if not world.distributed:
         table = torch.tensor([row], dtype=torch.float64)
@@ -94,4 +97,5 @@ def agree(verdicts: list[Verdict], world) -> Agreement:
         skip_data=bool(table[winner, 3].item()),
         winner=winner,
         lateness=(arrivals - arrivals.min()).tolist(),
+        stop_requested=bool(table[:, 4].max().item()),
     )

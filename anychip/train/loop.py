@@ -182,8 +182,7 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
     preemption = Preemption()
     state = None
     try:
-        state = _setup(cfg, run_dir, device, world, log, hooks)
-        state.preemption = preemption
+        state = _setup(cfg, run_dir, device, world, log, hooks, preemption)
         _run(state, hooks)
         return state
     except BaseException as e:
@@ -199,7 +198,9 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         close_world(world)
 
 
-def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog, hooks: Hooks) -> TrainState:
+def _setup(
+    cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog, hooks: Hooks, preemption: Preemption
+) -> TrainState:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     device.manual_seed(cfg.train.seed)
@@ -224,7 +225,8 @@ def _setup(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog
                 source, tokenizer, cfg.train.seq_len, cfg.train.global_batch, world.rank, world.world_size,
                 cfg.train.mode,
             )  # fmt: skip
-    state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer, ref_model=ref)
+    state = TrainState(cfg, run_dir, device, world, model, optimizer, data, log, tokenizer, ref_model=ref,
+                       preemption=preemption)  # fmt: skip
     if rl:
         from ..rl.grpo import RolloutBatches
 
@@ -346,7 +348,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         state.grad_norm, state.verdicts = grad_norm, []
         hooks("before_update", state)  # guards judge the step before any weight changes
         if state.guarded:
-            state.agreement = agree(state.verdicts, world)
+            state.agreement = agree(state.verdicts, world, stop_requested=state.preemption.asked)
             if state.agreement.action != Action.GO:
                 _carry_out(state, state.agreement, hooks)
                 continue
@@ -390,7 +392,7 @@ def _run(state: TrainState, hooks: Hooks) -> None:
         if checkpoint_due(cfg, step):
             state.checkpointer.save(step)
         hooks("after_step", state)
-        if _step_boundary(cfg, step) and state.preemption is not None and state.preemption.requested(world):
+        if _step_boundary(cfg, step) and _stop_requested(state):
             _preempt(state)
             return
         log.advance(step, f"loss {losses['loss']:.3f}")
@@ -416,6 +418,13 @@ def _run(state: TrainState, hooks: Hooks) -> None:
     train_time = time.perf_counter() - t_start
     _finish(state, train_time)
     hooks("on_end", state)
+
+
+def _stop_requested(state: TrainState) -> bool:
+    """Whether any rank was asked to stop: known from this step's agreement when guarded."""
+    if state.guarded:
+        return state.agreement.stop_requested
+    return state.preemption.requested(state.world)
 
 
 def _step_boundary(cfg: Config, step: int) -> bool:

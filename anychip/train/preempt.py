@@ -5,7 +5,8 @@ SIGKILL after a grace period. ``anychip train``'s launcher turns that into SIGUS
 workers (a SIGTERM from torch's elastic agent means "die now", e.g. before a restart, and
 keeps that meaning); under plain torchrun, or when training runs in the launcher's own
 process, the worker takes SIGTERM and SIGINT itself. Either way the signal only sets a
-flag; at the next step boundary the ranks agree on it (one all-reduce of one number),
+flag; at the next step boundary the ranks agree on it (within the guards' per-step
+agreement, or one all-reduce of one number when no guard runs),
 save a checkpoint of that step, record a ``preempted`` event and exit 0, so that
 ``anychip train --resume`` continues as if nothing had happened.
 """
@@ -49,10 +50,15 @@ class Preemption:
         if self.signal is None:
             self.signal, self.since = signal.Signals(signum).name, time.monotonic()
 
+    @property
+    def asked(self) -> bool:
+        """This rank was asked to stop (the guards' per-step agreement carries it to the others)."""
+        return self.signal is not None
+
     def requested(self, world) -> bool:
-        """True on every rank when any rank has been asked to stop (a collective: every
-        rank calls it at the same step)."""
-        flag = self.signal is not None
+        """True on every rank when any rank has been asked to stop: a collective, every rank
+        calls it at the same step (unguarded runs; guarded ones learn it from their agreement)."""
+        flag = self.asked
         if world.distributed:
             import torch.distributed as dist
 
