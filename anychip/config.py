@@ -347,9 +347,9 @@ def _coerce(value, hint, where: str):
         if hint is float and not math.isfinite(value):  # NaN passes every range check below
             raise ConfigError(f"{where}: expected a finite number")
         if hint is dict:  # e.g. reward weights, task options
-            bad = [k for k, v in _leaves(value) if isinstance(v, float) and not math.isfinite(v)]
+            bad = [(k, v) for k, v in _leaves(value) if isinstance(v, float) and not math.isfinite(v)]
             if bad:
-                raise ConfigError(f"{where}: {bad[0]} = {_leaf(value, bad[0])!r}: expected a finite number")
+                raise ConfigError(f"{where}: {bad[0][0]} = {bad[0][1]!r}: expected a finite number")
         return float(value) if hint is float else value
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number")
@@ -362,12 +362,6 @@ def _leaves(table: dict, prefix: str = ""):
             yield from _leaves(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
-
-
-def _leaf(table: dict, dotted: str):
-    for part in dotted.split("."):
-        table = table[part]
-    return table
 
 
 _CHOICES = {

@@ -82,20 +82,20 @@ class Worker:
                 self.fd = os.pidfd_open(pid)
             except OSError:
                 self.fd = None
-        if self.start is not None and process_start(pid) != self.start:  # gone and recycled already
-            self.close()
-            self.start = -1
 
     def state(self) -> str | None:
-        if self.start == -1 or (self.start is not None and process_start(self.pid) not in (None, self.start)):
-            return None  # the pid belongs to another process now
+        """The process state (see process_state); None once it is gone or its pid is another's."""
+        if self.start is not None and process_start(self.pid) not in (None, self.start):
+            return None
         return process_state(self.pid)
 
     def signal(self, sig: int) -> None:
+        if self.state() is None:  # also when the pidfd was opened on a recycled pid
+            return
         try:
             if self.fd is not None:
                 signal.pidfd_send_signal(self.fd, sig)
-            elif self.state() is not None:
+            else:
                 os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
