@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, GRPO_CONFIG, ConfigError, load_config
-from .launch import FATAL, PREEMPTED
+from .launch import FATAL, LAUNCHER_PID, PREEMPTED
 from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
 
 
@@ -93,7 +93,7 @@ def launch_workers(cfg, run_dir: Path) -> int:
         monitor_interval=0.2,
         signals_to_handle="SIGHUP,SIGQUIT",  # SIGTERM and SIGINT are preemptions, handled below
     )
-    os.environ["ANYCHIP_LAUNCHER_PID"] = str(os.getpid())
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     g = cfg.guards
     watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s) if g.watchdog else None
     if watcher is not None:
@@ -124,7 +124,7 @@ def launch_workers(cfg, run_dir: Path) -> int:
         preemption.close()
         if watcher is not None:
             watcher.stop()
-        for key in ("ANYCHIP_LAUNCHER_PID", WATCHED_BY_LAUNCHER, PREEMPTED):
+        for key in (LAUNCHER_PID, WATCHED_BY_LAUNCHER, PREEMPTED):
             os.environ.pop(key, None)
     if preemption.signal is not None:
         print(f"anychip: preempted ({preemption.signal}); continue with: anychip train --resume {run_dir}",

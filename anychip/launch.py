@@ -19,6 +19,7 @@ from .rundir import RunLock, RunLocked, new_default_run_dir
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
 PREEMPTED = "ANYCHIP_PREEMPTED"  # set by the launcher once preempted: a worker started after it stops at once
+LAUNCHER_PID = "ANYCHIP_LAUNCHER_PID"  # set by `anychip train`'s launcher for the workers it starts
 
 
 def default_run_dir() -> Path:
@@ -43,7 +44,7 @@ def die_with_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    launcher = os.environ.get("ANYCHIP_LAUNCHER_PID")
+    launcher = os.environ.get(LAUNCHER_PID)
     if launcher and os.getppid() != int(launcher):
         os._exit(1)  # the launcher died before the line above: nobody is waiting for this worker
 
@@ -65,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # started by a restart racing the preemption: the newest checkpoint stands
     fatal = run_dir / FATAL
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt and fatal.is_file():  # checked before torch is imported: a refused restart costs no time
+    if attempt and fatal.is_file():  # before any set-up: a refused restart costs only the interpreter start
         # an earlier attempt stopped for a reason that a restart cannot fix: do not retry it
         print(f"anychip: not retried: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
         return 2
     lock = None
-    if not os.environ.get("ANYCHIP_LAUNCHER_PID") and int(os.environ.get("RANK", "0")) == 0:
+    if not os.environ.get(LAUNCHER_PID) and int(os.environ.get("RANK", "0")) == 0:
         try:  # plain torchrun: rank 0 holds the run directory for the job
             lock = RunLock(run_dir).acquire()
         except RunLocked as e:
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def early_stacks(run_dir: Path) -> Path | None:
     """Under anychip's launcher, which watches this worker from its spawn: let SIGUSR1 write
-    the Python stacks to ``stacks/rank<r>-<pid>.txt`` from now on (before torch is even
-    imported), so that a worker frozen in start-up leaves its stacks too."""
+    the Python stacks to ``stacks/rank<r>-<pid>.txt`` from now on (before the device, the
+    process group, the model and the data are set up), so that a worker frozen in start-up
+    leaves its stacks too."""
     from .guards.watchdog import WATCHED_BY_LAUNCHER
 
     if not os.environ.get(WATCHED_BY_LAUNCHER):

@@ -20,12 +20,14 @@ import time
 
 import torch
 
+from ..launch import LAUNCHER_PID
+
 PREEMPT_SIGNAL = signal.SIGUSR2  # what anychip's launcher sends its workers
 
 
 def launched_by_anychip() -> bool:
     """Whether this worker was started by ``anychip train``'s launcher (which owns SIGTERM)."""
-    return bool(os.environ.get("ANYCHIP_LAUNCHER_PID"))
+    return bool(os.environ.get(LAUNCHER_PID))
 
 
 class Preemption:
