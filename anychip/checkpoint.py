@@ -46,8 +46,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .dcp_reader import safe_load
+from .errors import CheckpointError
 from .models.deepseek.args import SHAPE_FREE
-from .models.hf import CheckpointError  # one error type for every checkpoint problem
 
 # one process without a process group is a supported case, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -12,7 +12,8 @@ import threading
 import uuid
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, GRPO_CONFIG, ConfigError, load_config
+from .config import DEFAULT_CONFIG, GRPO_CONFIG, load_config
+from .errors import UNRECOVERABLE, ConfigError
 from .launch import FATAL, LAUNCHER_PID, PREEMPTED
 from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
 
@@ -370,13 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(q)
     q.set_defaults(fn=_qualify)
     a = p.parse_args(argv)
-    from .device import DeviceError
-    from .guards.base import GuardStop
-    from .models.hf import CheckpointError
-
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, FileExistsError, GuardStop) as err:
+    except (*UNRECOVERABLE, FileExistsError) as err:
         print(f"anychip: {err}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tomli_w
 
-from .models.deepseek.args import SHAPE_FREE, ConfigError, ModelArgs
+from .errors import ConfigError
+from .models.deepseek.args import SHAPE_FREE, ModelArgs
 from .models.deepseek.presets import PRESETS
 
 if sys.version_info >= (3, 11):

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from .models.hf import CheckpointError
+from .errors import CheckpointError
 
 _DCP = "torch.distributed.checkpoint"
 # every global in the .metadata of real anychip checkpoints (one process, DDP and FSDP on two,

@@ -8,9 +8,10 @@ import json
 import warnings
 from pathlib import Path
 
-from .checkpoint import CheckpointError, committed, step_dir, verify
+from .checkpoint import committed, step_dir, verify
 from .config import load_config
 from .dcp_reader import safe_load
+from .errors import CheckpointError
 from .models import DeepSeekV3, YarnScaling, save_hf
 from .models.hf import check_save_target
 

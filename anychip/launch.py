@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import UNRECOVERABLE, ConfigError
 from .rundir import RunLock, RunLocked, new_default_run_dir
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
@@ -110,9 +111,6 @@ def early_stacks(run_dir: Path) -> Path | None:
 
 
 def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int:
-    from .device import DeviceError
-    from .guards.base import GuardStop
-    from .models.hf import CheckpointError
     from .train.loop import train
 
     try:
@@ -120,7 +118,7 @@ def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int
             fatal.unlink(missing_ok=True)  # a new launch tries again
         cfg = load_config(a.config, a.sets)
         train(cfg, run_dir)
-    except (ConfigError, FileNotFoundError, DeviceError, CheckpointError, GuardStop) as e:
+    except UNRECOVERABLE as e:
         print(f"anychip: {e}", file=sys.stderr)  # a clear message, not a traceback
         if a.run_dir or os.environ.get("TORCHELASTIC_RUN_ID"):
             with contextlib.suppress(OSError):

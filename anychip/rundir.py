@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .models.deepseek.args import ConfigError
+from .errors import ConfigError
 
 LOCK = ".lock"
 # keys a resume may change: how long and how fast to train, on how many devices, how to

@@ -268,7 +268,7 @@ def test_synchronous_saves_commit_before_returning(reference, tmp_path):
 
 
 def test_resume_below_the_checkpoint_step_is_refused(reference, tmp_path):
-    from anychip.config import ConfigError
+    from anychip.errors import ConfigError
 
     run = _copy_run(reference, tmp_path / "fewer")
     before = (run / "config.toml").read_text()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from anychip.config import Config, ConfigError, load_config
+from anychip.config import Config, load_config
+from anychip.errors import ConfigError
 
 
 def test_embedded_default_resolves_and_round_trips(tmp_path):

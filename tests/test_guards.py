@@ -16,9 +16,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from anychip.chaos import parse_fault, schedule
 from anychip.checkpoint import committed
-from anychip.config import ChaosConfig, ConfigError, GuardsConfig, load_config
+from anychip.config import ChaosConfig, GuardsConfig, load_config
+from anychip.errors import ConfigError, GuardStop
 from anychip.goodput import goodput
-from anychip.guards.base import Action, GuardStop
+from anychip.guards.base import Action
 from anychip.guards.nonfinite import NonFinite
 from anychip.guards.sdc import fingerprint, odd_ones_out
 from anychip.guards.spike import robust_z

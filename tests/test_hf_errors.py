@@ -7,7 +7,8 @@ import torch
 from conftest import make_args, make_model
 from safetensors.torch import load_file, save_file
 
-from anychip.models import CheckpointError, ConfigError, load_hf, preset, save_hf
+from anychip.errors import CheckpointError, ConfigError
+from anychip.models import load_hf, preset, save_hf
 from anychip.models.hf import args_from_hf_config, hf_config_from_args
 
 # config.json of deepseek-ai/DeepSeek-V3 as published (its quantization_config removed)

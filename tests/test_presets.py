@@ -2,7 +2,8 @@
 
 import pytest
 
-from anychip.models import PRESETS, ConfigError, DeepSeekV3, count_parameters, preset
+from anychip.errors import ConfigError
+from anychip.models import PRESETS, DeepSeekV3, count_parameters, preset
 
 
 def test_v3_matches_published_counts():

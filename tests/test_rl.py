@@ -14,8 +14,9 @@ import torch
 from conftest import run_command
 from safetensors.torch import load_file
 
-from anychip.config import ConfigError, load_config
+from anychip.config import load_config
 from anychip.data import ReasoningTasks
+from anychip.errors import ConfigError
 from anychip.report.page import render
 from anychip.report.run import load_run
 from anychip.report.summary import overview

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from anychip.checkpoint import Checkpointer, committed, verify, write_manifest
 from anychip.config import load_config
 from anychip.dcp_reader import read_metadata, safe_load
-from anychip.models.hf import CheckpointError
+from anychip.errors import CheckpointError
 from anychip.train.loop import train
 
 RUN = [

@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from anychip.checkpoint import committed
 from anychip.cli import main as cli
 from anychip.config import load_config
+from anychip.errors import CheckpointError
 from anychip.export import checkpoint_model, export
-from anychip.models import CheckpointError, load_hf, save_hf
+from anychip.models import load_hf, save_hf
 from anychip.models.hf import remove_save_leftovers
 from anychip.train.loop import train
 

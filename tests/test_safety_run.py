@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from anychip.config import Config, ConfigError, load_config
+from anychip.config import Config, load_config
+from anychip.errors import ConfigError
 from anychip.models import ModelArgs
 from anychip.rundir import RunLock, RunLocked, new_default_run_dir
 from anychip.train.loop import train

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-from .base import Device, DeviceError
+from ..errors import DeviceError
+from .base import Device
 from .cpu import CpuDevice
 from .cuda import CudaDevice
 from .mps import MpsDevice

@@ -19,7 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import FLOAT_DTYPES, Device, DeviceError, check_rng_state, probe_fused_adamw
+from ..errors import DeviceError
+from .base import FLOAT_DTYPES, Device, check_rng_state, probe_fused_adamw
 from .flops import table_peak_flops
 
 

@@ -12,12 +12,10 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import DeviceError
+
 # The dtypes `supports_dtype` answers for; any other dtype is answered False.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-class DeviceError(RuntimeError):
-    """A device was asked for that is unknown, unavailable or misused; the message says which and why."""
 
 
 class Device(abc.ABC):

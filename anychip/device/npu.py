@@ -13,8 +13,8 @@ from types import ModuleType
 
 import torch
 
+from ..errors import DeviceError
 from .accelerator import TorchAccelerator
-from .base import DeviceError
 
 
 class NpuDevice(TorchAccelerator):

@@ -52,10 +52,6 @@ class RollbackBudget:
             self.used = 0
 
 
-class GuardStop(RuntimeError):
-    """A guard ended the run: a restart cannot fix what it found (not retried by the launcher)."""
-
-
 @dataclass
 class Agreement:
     action: Action

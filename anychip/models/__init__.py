@@ -2,7 +2,6 @@
 
 from .deepseek import (
     PRESETS,
-    ConfigError,
     DeepSeekV3,
     KVCache,
     ModelArgs,
@@ -11,9 +10,9 @@ from .deepseek import (
     preset,
     training_flops_per_token,
 )  # fmt: skip
-from .hf import CheckpointError, load_hf, read_hf_config, save_hf
+from .hf import load_hf, read_hf_config, save_hf
 
 __all__ = [
-    "PRESETS", "CheckpointError", "ConfigError", "DeepSeekV3", "KVCache", "ModelArgs", "YarnScaling",
+    "PRESETS", "DeepSeekV3", "KVCache", "ModelArgs", "YarnScaling",
     "count_parameters", "load_hf", "preset", "read_hf_config", "save_hf", "training_flops_per_token",
 ]  # fmt: skip

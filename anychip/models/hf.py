@@ -16,15 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .deepseek.args import ConfigError, ModelArgs, YarnScaling
+from ..errors import CheckpointError, ConfigError
+from .deepseek.args import ModelArgs, YarnScaling
 from .deepseek.model import DeepSeekV3
 from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or Hugging Face directory is missing, unreadable, corrupt, or does not
-    fit the configuration."""
-
 
 # config.json fields that map one to one onto ModelArgs
 _DIRECT = (

@@ -33,14 +33,15 @@ from rich.markup import escape
 
 from ..chaos import install as install_chaos
 from ..checkpoint import Checkpointer, checkpoint_due, step_dir
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
 from ..device import Device, get_device
+from ..errors import CheckpointError, ConfigError, GuardStop
 from ..eval import EvalResult, evaluate, heldout_loss, loss_due, reduce_result, shard
 from ..export import load_init
 from ..guards import install as install_guards
-from ..guards.base import Action, Agreement, GuardStop, Verdict, agree
-from ..models import CheckpointError, DeepSeekV3, count_parameters, save_hf, training_flops_per_token
+from ..guards.base import Action, Agreement, Verdict, agree
+from ..models import DeepSeekV3, count_parameters, save_hf, training_flops_per_token
 from ..models.deepseek.args import SHAPE_FREE
 from ..models.hf import remove_save_leftovers
 from ..parallel import World, all_reduce_sum, close_world, full_state_dict, init_world, parallelize, unwrap

@@ -1,10 +1,10 @@
 """DeepSeek-V3 family: model, named sizes, Hugging Face name mapping."""
 
-from .args import ConfigError, ModelArgs, YarnScaling
+from .args import ModelArgs, YarnScaling
 from .model import DeepSeekV3, KVCache, LossOutput
 from .presets import PRESETS, count_parameters, preset, training_flops_per_token
 
 __all__ = [
-    "PRESETS", "ConfigError", "DeepSeekV3", "KVCache", "LossOutput", "ModelArgs", "YarnScaling",
+    "PRESETS", "DeepSeekV3", "KVCache", "LossOutput", "ModelArgs", "YarnScaling",
     "count_parameters", "preset", "training_flops_per_token",
 ]  # fmt: skip

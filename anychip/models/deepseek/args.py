@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-
-class ConfigError(ValueError):
-    """A model configuration value is missing, unknown or impossible."""
-
+from ...errors import ConfigError
 
 # ModelArgs fields that change no tensor shape: a resume, or a run started from another
 # model (``model.init_from``), may set them

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .args import ConfigError, ModelArgs, YarnScaling
+from ...errors import ConfigError
+from .args import ModelArgs, YarnScaling
 from .model import DeepSeekV3
 
 _V3_YARN = YarnScaling(factor=40, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
