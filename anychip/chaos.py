@@ -38,10 +38,22 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import committed
+from .parallel import unwrap
 from .train.runlog import append_event, read_jsonl
 
-KINDS = ("kill", "exception", "hang", "nan", "bitflip", "slow", "corrupt_checkpoint", "checkpoint_write",
-         "bad_batch", "sdc")  # fmt: skip
+KINDS = (
+    "kill",
+    "exception",
+    "hang",
+    "nan",
+    "bitflip",
+    "slow",
+    "corrupt_checkpoint",
+    "checkpoint_write",
+    "bad_batch",
+    "sdc",
+)
 
 
 class ChaosError(RuntimeError):
@@ -84,19 +96,18 @@ def schedule(cfg, world_size: int, steps: int, replicas: bool) -> list[Fault]:
     return faults
 
 
-def install(state, hooks) -> None:
-    """Register the faults of ``state.cfg.chaos`` on the loop's hooks (nothing when empty)."""
-    world = state.world
-    replicas = world.distributed and state.cfg.parallel.strategy == "ddp"
-    faults = schedule(state.cfg.chaos, world.world_size, state.cfg.train.steps, replicas)
+def install(cfg, state, hooks, steps: int, replicas: bool) -> None:
+    """Register the faults of the ``[chaos]`` section ``cfg`` on the loop's hooks (nothing
+    when empty); ``steps`` is the run's last step, ``replicas`` whether DDP replicas exist."""
+    faults = schedule(cfg, state.world.world_size, steps, replicas)
     if faults:
-        Chaos(state, faults).attach(hooks)
+        Chaos(cfg, state, faults).attach(hooks)
 
 
 class Chaos:
-    def __init__(self, state, faults: list[Fault]):
+    def __init__(self, cfg, state, faults: list[Fault]):
         self.state = state
-        self.cfg = state.cfg.chaos
+        self.cfg = cfg
         self.rank = state.world.rank
         fired = {
             (e["kind"], e["step"], e["rank"])
@@ -188,16 +199,14 @@ class Chaos:
         flat[i] ^= 1 << bit
 
     def _corrupt(self, state) -> None:
-        from .checkpoint import committed
-
         state.checkpointer.wait()  # the newest checkpoint is committed
         if not state.world.is_main:
             return
         newest = next(iter(committed(state.checkpointer.root)), None)
         if newest is None:
             return
-        target = max((p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json"),
-                     key=lambda p: p.stat().st_size)  # fmt: skip
+        files = (p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json")
+        target = max(files, key=lambda p: p.stat().st_size)
         with open(target, "r+b") as f:
             f.seek(target.stat().st_size // 2)
             byte = f.read(1)
@@ -209,12 +218,11 @@ class Chaos:
         labels = batch["labels"]
         batch["labels"] = torch.where(labels == -100, labels, torch.full_like(labels, self.state.tokenizer.pad_id))
         if self.rank == 0:
-            append_event(self.state.run_dir, "chaos_inject", kind="bad_batch", step=self.state.step, rank=0,
-                         batch=number)  # fmt: skip
+            append_event(
+                self.state.run_dir, "chaos_inject", kind="bad_batch", step=self.state.step, rank=0, batch=number
+            )
 
     def _flaky_compute(self) -> None:
-        from .parallel import unwrap
-
         layers = unwrap(self.state.model).layers
         layer = layers[len(layers) // 2]
         gen = torch.Generator().manual_seed(self.state.step)

@@ -34,7 +34,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,19 +48,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .dcp_reader import safe_load
 from .errors import CheckpointError
 from .models.deepseek.args import SHAPE_FREE
+from .parallel import unwrap
 
 # one process without a process group is a supported case, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 PREFIX = "step_"
 TMP = ".tmp"
-
-
-def checkpoint_due(cfg, step: int) -> bool:
-    """Whether the run saves a checkpoint after ``step``: every ``checkpoint.interval`` steps
-    and at the last step (never with interval 0)."""
-    interval = cfg.checkpoint.interval
-    return bool(interval) and (step % interval == 0 or step == cfg.train.steps)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -123,12 +117,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Checkpointer:
-    """Saves and restores the whole training state of one rank; every rank calls it."""
+@dataclass
+class RunIdentity:
+    """What a checkpoint records of the run besides the training state."""
 
-    def __init__(self, state, root: Path):
+    config_toml: str  # the run's resolved config, written beside every checkpoint
+    digest: str
+    seed: int  # train.seed: reseeds the RNGs when a checkpoint is loaded on another layout
+
+
+class Checkpointer:
+    """Saves and restores the whole training state of one rank; every rank calls it.
+
+    ``state`` holds what is saved (model, optimizer, data, optional ``ref_model``) and the
+    run's device, world and log; ``cfg`` is the ``[checkpoint]`` section; ``last_step`` the
+    run's final step (always saved when ``cfg.interval`` is set)."""
+
+    def __init__(self, state, root: Path, cfg=None, last_step: int = 0, run: RunIdentity | None = None):
         self.state = state
         self.root = root
+        self.cfg = cfg
+        self.last_step = last_step
+        self.run = run
         self.world = state.world
         self.log = state.log
         self._pending: tuple[object, threading.Event, int] | None = None  # (future, committed, step)
@@ -145,6 +155,15 @@ class Checkpointer:
         self._staging = None
         self.fail_next_write: Exception | None = None  # fault injection (anychip.chaos): the next write raises it
 
+    def step_dir(self, step: int) -> Path:
+        return step_dir(self.root, step)
+
+    def due(self, step: int) -> bool:
+        """Whether the run saves a checkpoint after ``step``: every ``interval`` steps and at
+        the last step (never with interval 0)."""
+        interval = self.cfg.interval
+        return bool(interval) and (step % interval == 0 or step == self.last_step)
+
     # -- state -----------------------------------------------------------------------
 
     def _app_state(self) -> dict:
@@ -159,7 +178,7 @@ class Checkpointer:
         args = self._model_args()
         return {
             "step": step,
-            "config_digest": self.state.cfg.digest(),
+            "config_digest": self.run.digest,
             "model_shape": {k: v for k, v in asdict(args).items() if k not in SHAPE_FREE},
             "world_size": self.world.world_size,
             "device": self.state.device.type,
@@ -168,8 +187,6 @@ class Checkpointer:
         }
 
     def _model_args(self):
-        from .parallel import unwrap
-
         return unwrap(self.state.model).args
 
     # -- save ------------------------------------------------------------------------
@@ -184,10 +201,12 @@ class Checkpointer:
         if self.world.distributed:
             dist.barrier()
 
-    def save(self, step: int) -> None:
-        """Save the state after optimizer step ``step``. Async (default): returns once the
-        save is started; the write and commit finish in the background. Sync
-        (``checkpoint.async_save = false``): returns after the commit."""
+    def save(self, step: int, force: bool = False) -> None:
+        """Save the state after optimizer step ``step`` when it is ``due`` (or ``force``).
+        Async (default): returns once the save is started; the write and commit finish in
+        the background. Sync (``checkpoint.async_save = false``): returns after the commit."""
+        if not (force or self.due(step)):
+            return
         self.wait()
         t0 = time.perf_counter()
         tmp = self.root / f"{PREFIX}{step:08d}{TMP}"
@@ -211,7 +230,7 @@ class Checkpointer:
             save_file(self.state.device.rng_state(), tmp / f"rank{r}.safetensors")
             if self.world.is_main:
                 (tmp / "meta.json").write_text(json.dumps(self._meta(step), indent=1))
-                (tmp / "config.toml").write_text(self.state.cfg.to_toml())
+                (tmp / "config.toml").write_text(self.run.config_toml)
 
         # every rank must agree a stage worked before the next (a failing disk on one rank
         # would otherwise leave the others waiting in a collective)
@@ -229,11 +248,14 @@ class Checkpointer:
         # copied, and on load (meta "optimizer_empty")
         fresh = not self.state.optimizer.state
         try:
-            if self.state.cfg.checkpoint.async_save:
+            if self.cfg.async_save:
                 response = dcp.async_save(
-                    self._app_state(), checkpoint_id=str(tmp), process_group=self._group,
-                    no_dist=not self.world.distributed, async_stager=self._stager,
-                )  # fmt: skip
+                    self._app_state(),
+                    checkpoint_id=str(tmp),
+                    process_group=self._group,
+                    no_dist=not self.world.distributed,
+                    async_stager=self._stager,
+                )
                 self._staging = getattr(response, "staging_completion", None)
                 future = getattr(response, "upload_completion", response)
             else:  # synchronous: the loop waits for the write and the commit
@@ -249,12 +271,12 @@ class Checkpointer:
                 self.state.optimizer.state.clear()
         done = threading.Event()
         self._pending = (future, done, step)
-        if self.state.cfg.checkpoint.async_save:
+        if self.cfg.async_save:
             self.log.event("checkpoint_save", step=step, stall_s=time.perf_counter() - t0)
         # the commit runs as soon as the write is complete, in the writer's thread: on
         # rank 0 the future completes only after every rank's files and DCP's metadata
         future.add_done_callback(lambda f: self._commit(f, tmp, step, t0, done))
-        if not self.state.cfg.checkpoint.async_save:
+        if not self.cfg.async_save:
             self.wait()
             self.log.event("checkpoint_save", step=step, stall_s=time.perf_counter() - t0)
 
@@ -285,8 +307,9 @@ class Checkpointer:
                     shutil.rmtree(final)
                 tmp.rename(final)
                 _fsync_dir(self.root)
-                self.log.event("checkpoint_commit", step=step, write_s=time.perf_counter() - t0, path=str(final),
-                               bytes=sum(p.stat().st_size for p in final.rglob("*") if p.is_file()))  # fmt: skip
+                size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+                write_s = time.perf_counter() - t0
+                self.log.event("checkpoint_commit", step=step, write_s=write_s, path=str(final), bytes=size)
                 self._retire()
         except Exception as e:
             self._failed(step, e)
@@ -315,7 +338,7 @@ class Checkpointer:
 
     def _retire(self) -> None:
         """Keep the newest ``checkpoint.keep`` and every ``keep_every``-th step."""
-        cfg = self.state.cfg.checkpoint
+        cfg = self.cfg
         for old in committed(self.root)[cfg.keep :]:
             step = int(old.name[len(PREFIX) :])
             if cfg.keep_every and step % cfg.keep_every == 0:
@@ -369,8 +392,8 @@ class Checkpointer:
             raise CheckpointError(f"{directory}: the model in this checkpoint has another shape ({detail})")
         app = self._app_state()
         safe_load(app, directory, no_dist=not self.world.distributed)  # runs no code the checkpoint holds
-        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=app["model"],
-                       optim_state_dict=app["optim"])  # fmt: skip
+        model, optimizer = self.state.model, self.state.optimizer
+        set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"])
         if "ref" in app:
             self.state.ref_model.load_state_dict(app["ref"])
         if meta.get("optimizer_empty"):
@@ -386,10 +409,16 @@ class Checkpointer:
         if rng_file.is_file() and same_layout:
             self.state.device.set_rng_state(load_file(rng_file))
         else:
-            self.state.device.manual_seed(self.state.cfg.train.seed + meta["step"] + r)
+            self.state.device.manual_seed(self.run.seed + meta["step"] + r)
             self.log.event("rng_reseeded", step=meta["step"], reason="world size or device type changed")
-        self.log.event("checkpoint_load", step=meta["step"], path=str(directory), load_s=time.perf_counter() - t0,
-                       saved_world_size=meta["world_size"], saved_device=meta["device"])  # fmt: skip
+        self.log.event(
+            "checkpoint_load",
+            step=meta["step"],
+            path=str(directory),
+            load_s=time.perf_counter() - t0,
+            saved_world_size=meta["world_size"],
+            saved_device=meta["device"],
+        )
         return int(meta["step"])
 
 
@@ -398,8 +427,9 @@ def _nonfinite(model, optimizer) -> str | None:
     """The name of the first parameter or optimizer state (local shard) with a NaN/Inf."""
     tensors = [(f"parameter {n}", p) for n, p in model.named_parameters()]
     for p, st in optimizer.state.items():
-        tensors += [(f"optimizer state {k} of a {tuple(p.shape)} parameter", v) for k, v in st.items()
-                    if isinstance(v, torch.Tensor) and v.is_floating_point()]  # fmt: skip
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                tensors.append((f"optimizer state {k} of a {tuple(p.shape)} parameter", v))
     for name, t in tensors:
         local = t.to_local() if hasattr(t, "to_local") else t
         # a cheap sum first; the element-wise test only when the sum is not finite

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .config import DEFAULT_CONFIG, GRPO_CONFIG, load_config
 from .errors import UNRECOVERABLE, ConfigError
-from .launch import FATAL, LAUNCHER_PID, PREEMPTED
+from .launch import FATAL
+from .launcher_env import LAUNCHER_PID, PREEMPTED
 from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
 
 
@@ -112,8 +113,11 @@ def launch_workers(cfg, run_dir: Path) -> int:
             print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
             return 2
         if preemption.signal is not None:
-            print(f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
-                  f"{cfg.parallel.preempt_grace_s:g} s and were killed", file=sys.stderr)  # fmt: skip
+            print(
+                f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
+                f"{cfg.parallel.preempt_grace_s:g} s and were killed",
+                file=sys.stderr,
+            )
             return 1
         if isinstance(e, SignalException):
             print(f"anychip: stopped by {e.sigval.name}", file=sys.stderr)
@@ -128,8 +132,10 @@ def launch_workers(cfg, run_dir: Path) -> int:
         for key in (LAUNCHER_PID, WATCHED_BY_LAUNCHER, PREEMPTED):
             os.environ.pop(key, None)
     if preemption.signal is not None:
-        print(f"anychip: preempted ({preemption.signal}); continue with: anychip train --resume {run_dir}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"anychip: preempted ({preemption.signal}); continue with: anychip train --resume {run_dir}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -164,8 +170,12 @@ class _Preemption:
             return
         self.signal = signal.Signals(signum).name
         os.environ[PREEMPTED] = self.signal  # a worker (re)started from now on stops at once
-        print(f"anychip: {self.signal}: stopping at the next step boundary with a checkpoint "
-              f"(at most {self.grace_s:g} s; send it again to stop now)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"anychip: {self.signal}: stopping at the next step boundary with a checkpoint "
+            f"(at most {self.grace_s:g} s; send it again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
         for pid in self._workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, self._sig)
@@ -226,9 +236,16 @@ def _eval(a: argparse.Namespace) -> int:
             model, tokenizer, examples, max_new_tokens, a.batch_size, a.samples, a.temperature, a.top_p, a.seed
         )
     decoding = "greedy" if a.temperature <= 0 else f"pass@1 of {a.samples} samples at temperature {a.temperature:g}"
-    report = {"accuracy": result.accuracy, "exact_accuracy": result.exact_accuracy, "correct": result.correct,
-              "n": result.n, "tasks": tasks, "decoding": decoding, "model": str(path),
-              "samples": result.samples}  # fmt: skip
+    report = {
+        "accuracy": result.accuracy,
+        "exact_accuracy": result.exact_accuracy,
+        "correct": result.correct,
+        "n": result.n,
+        "tasks": tasks,
+        "decoding": decoding,
+        "model": str(path),
+        "samples": result.samples,
+    }
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -298,8 +315,16 @@ def _launch_qualify(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)  # fmt: skip
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
     try:
         elastic_launch(launch, entrypoint=sys.executable)("-m", "anychip.qualify.run", *argv)
     except ChildFailedError:
@@ -321,18 +346,23 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--run-dir", type=Path, help="output directory (default runs/<date-time>)")
         q.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         q.add_argument(
-            "--chaos", action="append", default=[], metavar="SPEC",
+            "--chaos",
+            action="append",
+            default=[],
+            metavar="SPEC",
             help="inject faults: kind@step[:rank],... or every=N (see [chaos] in the config)",
-        )  # fmt: skip
+        )
         q.add_argument(
             "--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint"
         )
         q.set_defaults(fn=_train)
     r.add_argument(
-        "--init", type=Path, metavar="PATH",
+        "--init",
+        type=Path,
+        metavar="PATH",
         help="the model to start from: an anychip run, one of its checkpoints, or a Hugging Face directory "
         "(model.init_from)",
-    )  # fmt: skip
+    )
     e = sub.add_parser("eval", help="held-out accuracy of a run (RUN_DIR) or a Hugging Face directory")
     e.add_argument("path", help="run directory or Hugging Face model directory")
     e.add_argument("--task", action="append", default=[], help="reasoning-gym task (default: the run's)")

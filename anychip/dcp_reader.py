@@ -25,18 +25,25 @@ _DCP = "torch.distributed.checkpoint"
 # every global in the .metadata of real anychip checkpoints (one process, DDP and FSDP on two,
 # fp32 and bf16, model and optimizer), listed by an Unpickler that recorded find_class; plus
 # every dtype, since a run may store any. Nothing here runs code or touches files when called.
+_METADATA_NAMES = (
+    "Metadata",
+    "StorageMeta",
+    "MetadataIndex",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "_MEM_FORMAT_ENCODING",
+)
 ALLOWED = {
-    *((f"{_DCP}.metadata", name) for name in (
-        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
-    )),
+    *((f"{_DCP}.metadata", name) for name in _METADATA_NAMES),
     (f"{_DCP}.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # how torch pickles a layout (torch.strided)
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
     ("pathlib._local", "PosixPath"),  # ... as Python 3.13 pickles it
     *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
-}  # fmt: skip
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):

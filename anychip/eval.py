@@ -13,15 +13,28 @@ import torch
 from .data import Example, score
 from .generate import generate
 from .models import DeepSeekV3
+from .parallel import all_reduce_sum, unwrap
 
 STOP = "</answer>"
 
 
-def loss_due(cfg, step: int) -> bool:
-    """Whether training measures the held-out loss after optimizer step `step` (every
-    ``eval.interval`` steps and at the last one; never in GRPO runs)."""
-    interval = cfg.eval.interval
-    return bool(interval) and cfg.train.mode != "grpo" and (step % interval == 0 or step == cfg.train.steps)
+class HeldoutLoss:
+    """The held-out loss training measures every ``interval`` steps and at the last one,
+    on fixed ``batches`` (this rank's rows; none: never, e.g. in GRPO runs)."""
+
+    def __init__(self, interval: int, last_step: int, batches: list[dict], micro: int, amp, device_type: str, world):
+        self.interval, self.last_step, self.batches = interval, last_step, batches
+        self.micro, self.amp, self.device_type, self.world = micro, amp, device_type, world
+
+    def on_schedule(self, step: int) -> bool:
+        """Whether ``step`` is a measuring step (with or without batches to measure on)."""
+        return bool(self.interval) and (step % self.interval == 0 or step == self.last_step)
+
+    def due(self, step: int) -> bool:
+        return bool(self.batches) and self.on_schedule(step)
+
+    def __call__(self, model) -> float:
+        return heldout_loss(model, self.batches, self.micro, self.amp, self.device_type, self.world)
 
 
 @torch.no_grad()
@@ -29,8 +42,6 @@ def heldout_loss(model, batches: list[dict], micro: int, amp, device_type: str, 
     """Next-token loss of the main model (no MTP term) per label token over fixed held-out
     batches, all ranks' rows together. Eval mode: expert loads are not counted, so the
     balancing bias and the trajectory are the same with or without it."""
-    from .parallel import all_reduce_sum, unwrap
-
     dev = unwrap(model).embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -96,10 +107,18 @@ def evaluate(
             chunk = todo[start : start + batch_size]
             prompts = [[tokenizer.bos_id, *tokenizer.encode(ex.prompt)] for ex in chunk]
             outs = generate(
-                model, prompts, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id, stop=stop,
-                temperature=temperature, top_p=top_p, generator=generator, vocab_size=tokenizer.vocab_size,
+                model,
+                prompts,
+                max_new_tokens,
+                tokenizer.eos_id,
+                tokenizer.pad_id,
+                stop=stop,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+                vocab_size=tokenizer.vocab_size,
                 suppress=never_generated(tokenizer),
-            )  # fmt: skip
+            )
             for ex, out in zip(chunk, outs):
                 text = tokenizer.decode(out)
                 s = float(score(ex, text))
@@ -124,8 +143,6 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 def reduce_result(result: EvalResult, world) -> EvalResult:
     """Sum correct and n over ranks (samples stay rank 0's)."""
-    from .parallel import all_reduce_sum
-
     t = torch.tensor([result.correct, float(result.n), result.exact], dtype=torch.float64)
     all_reduce_sum(t, world)
     return EvalResult(t[0].item(), int(t[1].item()), result.samples, t[2].item())

@@ -1,6 +1,5 @@
 """`anychip export`: a run's checkpoint (or its final model) as a Hugging Face directory;
-and where a run starts from (``model.init_from``): a Hugging Face directory, a run, or one
-checkpoint of a run."""
+and the model a run starts from (``model.init_from``, resolved by anychip/init_from.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from .checkpoint import committed, step_dir, verify
 from .config import load_config
 from .dcp_reader import safe_load
 from .errors import CheckpointError
+from .init_from import resolve_init
 from .models import DeepSeekV3, YarnScaling, save_hf
 from .models.hf import check_save_target
 
@@ -87,31 +87,6 @@ def checkpoint_model(directory: str | Path, device="cpu", verified: bool = False
     model.load_state_dict(state["model"])
     model.materialize_counters()
     return model.to(device), meta
-
-
-def resolve_init(spec: str) -> tuple[str, Path]:
-    """What ``model.init_from`` names: ("hf", DIR) for a Hugging Face directory (``hf:DIR``,
-    or a directory with config.json, or a run's ``final/``) or ("checkpoint", DIR) for a
-    checkpoint directory (or a run without ``final/``: its newest committed checkpoint).
-    Raises FileNotFoundError for a missing path, ValueError for one that holds no model."""
-    path = Path(spec.removeprefix("hf:"))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if spec.startswith("hf:") or (path / "config.json").is_file():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return "hf", path
-    if (path / "meta.json").is_file() and (path / "manifest.json").is_file():
-        return "checkpoint", path
-    if (path / "final" / "config.json").is_file():
-        return "hf", path / "final"
-    found = committed(path / "checkpoints")
-    if found:
-        return "checkpoint", found[0]
-    raise ValueError(
-        f"{path} holds no model: expected a Hugging Face directory (config.json), an anychip run "
-        "(final/ or checkpoints/) or a checkpoint directory (step_N with meta.json)"
-    )
 
 
 def load_init(spec: str, device="cpu", **overrides) -> DeepSeekV3:

@@ -37,10 +37,18 @@ from statistics import median
 from .events import read_jsonl
 
 # a worker that dies on a rank other than 0 is seen by rank 0 as a failed collective: run_end "error"
-DETECTED_BY = {"kill": ("crash_detected", "run_end"), "exception": ("run_end", "crash_detected"),
-               "hang": ("hang_detected",), "nan": ("nonfinite",), "bitflip": ("replica_mismatch",),
-               "slow": ("straggler",), "corrupt_checkpoint": ("checkpoint_corrupt",),
-               "checkpoint_write": ("checkpoint_failed",), "bad_batch": ("spike",), "sdc": ("audit_mismatch",)}  # fmt: skip
+DETECTED_BY = {
+    "kill": ("crash_detected", "run_end"),
+    "exception": ("run_end", "crash_detected"),
+    "hang": ("hang_detected",),
+    "nan": ("nonfinite",),
+    "bitflip": ("replica_mismatch",),
+    "slow": ("straggler",),
+    "corrupt_checkpoint": ("checkpoint_corrupt",),
+    "checkpoint_write": ("checkpoint_failed",),
+    "bad_batch": ("spike",),
+    "sdc": ("audit_mismatch",),
+}
 DETECTIONS = {*(e for kinds in DETECTED_BY.values() for e in kinds), "faulty_hardware"}
 REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error"}
 
@@ -88,10 +96,17 @@ def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
     restart = max(wall - productive - recomputed - stall, 0.0)
     found = faults(events, metrics)
     return Goodput(
-        wall, productive, recomputed, stall, restart, steps=len(last_index),
-        recomputed_steps=len(metrics) - len(last_index), restarts=max(len(starts) - 1, 0),
-        faults=found, fault_summary=summarize_faults(found),
-    )  # fmt: skip
+        wall,
+        productive,
+        recomputed,
+        stall,
+        restart,
+        steps=len(last_index),
+        recomputed_steps=len(metrics) - len(last_index),
+        restarts=max(len(starts) - 1, 0),
+        faults=found,
+        fault_summary=summarize_faults(found),
+    )
 
 
 def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
@@ -113,24 +128,49 @@ def faults(events: list[dict], metrics: list[dict]) -> list[dict]:
     matched: set[int] = set()
     out = []
     for inj in (e for e in events if e["event"] == "chaos_inject"):
-        i = next((i for i, d in enumerate(detections) if i not in matched and d["time"] >= inj["time"]
-                  and d["event"] in DETECTED_BY.get(inj["kind"], ())), None)  # fmt: skip
-        fault = {"kind": inj["kind"], "injected": True, "step": inj.get("step"), "rank": inj.get("rank"),
-                 "time": inj["time"], "detected_by": None, "detected_at": None, "latency_s": None, "lost_s": None}  # fmt: skip
+        answered_by = DETECTED_BY.get(inj["kind"], ())
+        answering = (
+            i
+            for i, d in enumerate(detections)
+            if i not in matched and d["time"] >= inj["time"] and d["event"] in answered_by
+        )
+        i = next(answering, None)
+        fault = {
+            "kind": inj["kind"],
+            "injected": True,
+            "step": inj.get("step"),
+            "rank": inj.get("rank"),
+            "time": inj["time"],
+            "detected_by": None,
+            "detected_at": None,
+            "latency_s": None,
+            "lost_s": None,
+        }
         if i is not None:
             d = detections[i]
             matched.add(i)
-            fault |= {"detected_by": d["event"], "detected_at": d["time"], "latency_s": d["time"] - inj["time"],
-                      "lost_s": lost(inj["time"], d["time"], inj.get("step"))}  # fmt: skip
+            fault |= {
+                "detected_by": d["event"],
+                "detected_at": d["time"],
+                "latency_s": d["time"] - inj["time"],
+                "lost_s": lost(inj["time"], d["time"], inj.get("step")),
+            }
         out.append(fault)
     for i, d in enumerate(detections):
         if i not in matched:
             step = d.get("step", d.get("last_step"))
-            out.append({
-                "kind": REAL_KIND.get(d["event"], d["event"]), "injected": False, "step": step,
-                "rank": d.get("rank"), "time": d["time"], "detected_by": d["event"], "detected_at": d["time"],
-                "latency_s": None, "lost_s": lost(d["time"], d["time"], step),
-            })  # fmt: skip
+            real = {
+                "kind": REAL_KIND.get(d["event"], d["event"]),
+                "injected": False,
+                "step": step,
+                "rank": d.get("rank"),
+                "time": d["time"],
+                "detected_by": d["event"],
+                "detected_at": d["time"],
+                "latency_s": None,
+                "lost_s": lost(d["time"], d["time"], step),
+            }
+            out.append(real)
     return sorted(out, key=lambda f: f["time"])
 
 
@@ -166,16 +206,22 @@ def summarize_faults(found: list[dict]) -> dict[str, dict]:
         latencies = [f["latency_s"] for f in fs if f["latency_s"] is not None]
         losses = [f["lost_s"] for f in fs if f["lost_s"] is not None]
         out[kind] = {
-            "count": len(fs), "injected": sum(f["injected"] for f in fs),
+            "count": len(fs),
+            "injected": sum(f["injected"] for f in fs),
             "detected": sum(f["detected_by"] is not None for f in fs),
-            "median_latency_s": median(latencies) if latencies else None, "lost_s": sum(losses) if losses else None,
-        }  # fmt: skip
+            "median_latency_s": median(latencies) if latencies else None,
+            "lost_s": sum(losses) if losses else None,
+        }
     return out
 
 
 def format_goodput(g: Goodput) -> str:
-    rows = [("productive steps", g.productive_s), ("recomputed (lost) steps", g.recomputed_s),
-            ("checkpoint stalls", g.checkpoint_stall_s), ("restarts, start-up, eval", g.restart_s)]  # fmt: skip
+    rows = [
+        ("productive steps", g.productive_s),
+        ("recomputed (lost) steps", g.recomputed_s),
+        ("checkpoint stalls", g.checkpoint_stall_s),
+        ("restarts, start-up, eval", g.restart_s),
+    ]
     lines = [f"wall time {g.wall_s:.1f} s, {g.steps} steps, {g.recomputed_steps} recomputed, {g.restarts} restarts"]
     for name, t in rows:
         share = 100 * t / g.wall_s if g.wall_s else 0.0

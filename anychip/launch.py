@@ -16,11 +16,10 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import UNRECOVERABLE, ConfigError
+from .launcher_env import LAUNCHER_PID, PREEMPTED
 from .rundir import RunLock, RunLocked, new_default_run_dir
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
-PREEMPTED = "ANYCHIP_PREEMPTED"  # set by the launcher once preempted: a worker started after it stops at once
-LAUNCHER_PID = "ANYCHIP_LAUNCHER_PID"  # set by `anychip train`'s launcher for the workers it starts
 
 
 def default_run_dir() -> Path:

@@ -106,6 +106,13 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+def all_reduce_sums(values: dict[str, float], world: World) -> dict[str, float]:
+    """Each named number summed over ranks (one all-reduce, in float64); every rank must
+    pass the same names in the same order."""
+    summed = all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64), world)
+    return dict(zip(values, summed.tolist()))
+
+
 def all_gather_floats(value: float, world: World) -> list[float]:
     """Every rank's ``value`` (e.g. step time), gathered on every rank."""
     if not world.distributed:

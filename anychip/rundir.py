@@ -25,10 +25,21 @@ LOCK = ".lock"
 # keys a resume may change: how long and how fast to train, on how many devices, how to
 # guard, log, checkpoint and evaluate it. Anything else would make it another run.
 RESUMABLE = (
-    "train.steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.global_batch",
-    "train.micro_batch", "train.log_interval", "parallel.", "device.", "guards.", "log.", "chaos.",
-    "checkpoint.", "eval.",
-)  # fmt: skip
+    "train.steps",
+    "train.lr",
+    "train.min_lr_ratio",
+    "train.warmup_steps",
+    "train.global_batch",
+    "train.micro_batch",
+    "train.log_interval",
+    "parallel.",
+    "device.",
+    "guards.",
+    "log.",
+    "chaos.",
+    "checkpoint.",
+    "eval.",
+)
 
 
 class RunLocked(ConfigError):
@@ -52,8 +63,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunLocked(f"{self.run_dir} is in use by another job ({holder(self.run_dir)}); "
-                            "wait for it to end or choose another --run-dir") from None  # fmt: skip
+            raise RunLocked(
+                f"{self.run_dir} is in use by another job ({holder(self.run_dir)}); "
+                "wait for it to end or choose another --run-dir"
+            ) from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)

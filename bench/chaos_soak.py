@@ -41,18 +41,30 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="tiny")
     a = p.parse_args()
-    sets = [f"model.preset={a.preset}", f"train.steps={a.steps}", "eval.n=0", "log.tensorboard=false",
-            "log.progress=false", "device.type=cpu", "parallel.nproc=2", "parallel.strategy=ddp",
-            "parallel.max_restarts=30", "checkpoint.interval=25", "checkpoint.keep=3",
-            "guards.replica_check_interval=25"]  # fmt: skip
+    sets = [
+        f"model.preset={a.preset}",
+        f"train.steps={a.steps}",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "device.type=cpu",
+        "parallel.nproc=2",
+        "parallel.strategy=ddp",
+        "parallel.max_restarts=30",
+        "checkpoint.interval=25",
+        "checkpoint.keep=3",
+        "guards.replica_check_interval=25",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         soak, clean = Path(tmp) / "soak", Path(tmp) / "clean"
         t_soak = train(soak, [*sets, f"chaos.every={a.every}", f"chaos.seed={a.seed}"])
         t_clean = train(clean, sets)
         x, y = load_file(soak / "final" / "model.safetensors"), load_file(clean / "final" / "model.safetensors")
         same = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-        print(f"{a.preset}, {a.steps} steps, 2 processes (DDP), a random fault about every {a.every} steps "
-              f"(seed {a.seed})")  # fmt: skip
+        print(
+            f"{a.preset}, {a.steps} steps, 2 processes (DDP), a random fault about every {a.every} steps "
+            f"(seed {a.seed})"
+        )
         print(f"wall time: soak {t_soak:.0f} s, clean {t_clean:.0f} s")
         print(format_goodput(goodput(soak)))
         print(f"final weights bit-identical to the clean run: {same}")

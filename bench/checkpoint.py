@@ -37,8 +37,16 @@ def stall_bench(reps: int, tmp: Path) -> dict:
     from anychip.config import load_config
     from anychip.train.loop import train
 
-    base = ["train.steps=24", "checkpoint.interval=4", "checkpoint.keep=1", "eval.n=0", "log.tensorboard=false",
-            "log.progress=false", "train.log_interval=1000", "device.type=cpu"]  # fmt: skip
+    base = [
+        "train.steps=24",
+        "checkpoint.interval=4",
+        "checkpoint.keep=1",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "train.log_interval=1000",
+        "device.type=cpu",
+    ]
     stalls: dict[str, list[float]] = {"async": [], "sync": []}
     calls, waits = [], []
     train_s: dict[str, list[float]] = {"async": [], "sync": []}  # whole loop: what a save costs later steps too
@@ -61,16 +69,28 @@ def stall_bench(reps: int, tmp: Path) -> dict:
             size = max(e.get("bytes", 0) for e in events if e["event"] == "checkpoint_commit")
             shutil.rmtree(run)
     a, s = statistics.median(stalls["async"]), statistics.median(stalls["sync"])
-    return {"state_mb": size / 2**20, "saves": len(stalls["async"]), "async_stall_s": a, "sync_stall_s": s,
-            "ratio": a / s, "async_call_s": statistics.median(calls),
-            "async_wait_s": statistics.median(waits) if waits else 0.0,  # none on CPU: staged in the save call
-            "train_s": {m: statistics.median(t) for m, t in train_s.items()}}  # fmt: skip
+    return {
+        "state_mb": size / 2**20,
+        "saves": len(stalls["async"]),
+        "async_stall_s": a,
+        "sync_stall_s": s,
+        "ratio": a / s,
+        "async_call_s": statistics.median(calls),
+        "async_wait_s": statistics.median(waits) if waits else 0.0,  # none on CPU: staged in the save call
+        "train_s": {m: statistics.median(t) for m, t in train_s.items()},
+    }
 
 
 def recovery_bench(tmp: Path) -> dict:
     run = tmp / "run"
-    sets = ["train.steps=60", "checkpoint.interval=5", "parallel.max_restarts=1", "eval.n=0",
-            "log.tensorboard=false", "train.log_interval=1000"]  # fmt: skip
+    sets = [
+        "train.steps=60",
+        "checkpoint.interval=5",
+        "parallel.max_restarts=1",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "train.log_interval=1000",
+    ]
     args = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run)]
     for s in sets:
         args += ["--set", s]
@@ -116,16 +136,20 @@ def main(argv=None) -> int:
             f"loop stall per checkpoint in `anychip train` (tiny, 16 x 128, checkpoint {s['state_mb']:.0f} MiB), "
             f"median of {s['saves']} saves per mode, torch {torch.__version__}"
         )
-        print(f"  async (default):  {1000 * s['async_stall_s']:8.1f} ms  (save call {1000 * s['async_call_s']:.1f} ms"
-              f" + wait for staging before the next optimizer step {1000 * s['async_wait_s']:.1f} ms)")  # fmt: skip
+        print(
+            f"  async (default):  {1000 * s['async_stall_s']:8.1f} ms  (save call {1000 * s['async_call_s']:.1f} ms"
+            f" + wait for staging before the next optimizer step {1000 * s['async_wait_s']:.1f} ms)"
+        )
         print(f"  synchronous DCP:  {1000 * s['sync_stall_s']:8.1f} ms  (write + manifest + commit)")
         print(f"  ratio async / sync stall: {100 * s['ratio']:.1f}%  (target <= 10%)")
         t = s["train_s"]
         print(f"  whole training loop (24 steps, 6 saves): async {t['async']:.2f} s, sync {t['sync']:.2f} s")
         r = recovery_bench(tmp)
         print(f"recovery from SIGKILL to the first resumed step (tiny, 1 process): {r['kill_to_first_step_s']:.1f} s")
-        print(f"  detection + process start {r['detect_and_start_s']:.1f} s, resume {r['resume_s']:.1f} s, "
-              f"first step {r['first_step_s']:.1f} s (resumed from step {r['resumed_from_step']}, exit {r['exit_code']})")  # fmt: skip
+        print(
+            f"  detection + process start {r['detect_and_start_s']:.1f} s, resume {r['resume_s']:.1f} s, "
+            f"first step {r['first_step_s']:.1f} s (resumed from step {r['resumed_from_step']}, exit {r['exit_code']})"
+        )
         if a.json:
             a.json.write_text(json.dumps({"stall": s, "recovery": r}, indent=2))
     finally:

@@ -1,7 +1,7 @@
 """Cost of the guards, on this machine, in one run (tiny, the demo's batch of 16 x 128):
 
-1. Accounting inside one guarded run: the time spent in every guard hook, in the per-step
-   agreement of verdicts, in the checkpoint's non-finite check and in the extra step-0
+1. Accounting inside one guarded run: the time spent in the guards' verdicts and their
+   per-step agreement (``Guards.judge``), in the heartbeat's hooks, in the checkpoint's non-finite check and in the extra step-0
    checkpoint, as a share of the run's training time. Exact, and immune to the machine's
    run-to-run noise (on 2 cores: +-10% between identical runs).
 2. End to end: `anychip train` with every guard on at its default intervals against every
@@ -26,14 +26,29 @@ import tempfile
 import time
 from pathlib import Path
 
-OFF = ["guards.nonfinite=false", "guards.spike=false", "guards.watchdog=false", "guards.audit_interval=0",
-       "guards.replica_check_interval=0", "guards.straggler_interval=0"]  # fmt: skip
+OFF = [
+    "guards.nonfinite=false",
+    "guards.spike=false",
+    "guards.watchdog=false",
+    "guards.audit_interval=0",
+    "guards.replica_check_interval=0",
+    "guards.straggler_interval=0",
+]
 
 
 def run(run_dir: Path, steps: int, nproc: int, guards: bool) -> dict:
-    sets = [f"train.steps={steps}", "eval.n=0", "log.tensorboard=false", "log.progress=false",
-            "train.log_interval=100000", "device.type=cpu", "parallel.max_restarts=0", f"parallel.nproc={nproc}",
-            "parallel.strategy=ddp", *([] if guards else OFF)]  # fmt: skip
+    sets = [
+        f"train.steps={steps}",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "train.log_interval=100000",
+        "device.type=cpu",
+        "parallel.max_restarts=0",
+        f"parallel.nproc={nproc}",
+        "parallel.strategy=ddp",
+        *([] if guards else OFF),
+    ]
     cmd = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
@@ -49,7 +64,9 @@ def accounting(steps: int) -> dict:
     """One guarded run in this process with every guard hook, the agreement and the
     checkpoint's finite check timed."""
     import anychip.checkpoint as ckpt
+    import anychip.guards.setup as guard_setup
     import anychip.train.loop as loop
+    from anychip.train.hooks import Hooks
     from anychip.config import load_config
 
     spent: dict[str, float] = {}
@@ -64,22 +81,24 @@ def accounting(steps: int) -> dict:
 
         return wrapper
 
-    class TimedHooks(loop.Hooks):  # only guards register hooks in this run
+    class TimedHooks(Hooks):  # only the watchdog's heartbeat registers hooks in this run
         def __call__(self, point, state):
             t0 = time.perf_counter()
             super().__call__(point, state)
             spent[f"hooks.{point}"] = spent.get(f"hooks.{point}", 0.0) + time.perf_counter() - t0
 
-    real_agree, real_check = loop.agree, ckpt._nonfinite
-    loop.agree, ckpt._nonfinite = timed("agreement", real_agree), timed("checkpoint finite check", real_check)
+    real_judge, real_check = guard_setup.Guards.judge, ckpt._nonfinite
+    guard_setup.Guards.judge = timed("guards (verdicts and agreement)", real_judge)
+    ckpt._nonfinite = timed("checkpoint finite check", real_check)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(None, [f"train.steps={steps}", "eval.n=0", "log.tensorboard=false",
-                                     "log.progress=false", "train.log_interval=100000", "device.type=cpu"])  # fmt: skip
+            sets = [f"train.steps={steps}", "eval.n=0", "log.tensorboard=false", "log.progress=false"]
+            sets += ["train.log_interval=100000", "device.type=cpu"]
+            cfg = load_config(None, sets)
             loop.train(cfg, Path(tmp) / "run", TimedHooks())
             events = [json.loads(line) for line in (Path(tmp) / "run" / "events.jsonl").read_text().splitlines()]
     finally:
-        loop.agree, ckpt._nonfinite = real_agree, real_check
+        guard_setup.Guards.judge, ckpt._nonfinite = real_judge, real_check
     end = next(e for e in events if e["event"] == "run_end")
     spent["step-0 checkpoint (save call)"] = next(
         e["stall_s"] for e in events if e["event"] == "checkpoint_save" and e["step"] == 0

@@ -56,11 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both models' dtype")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default: torch's default")
     p.add_argument(
-        "--peer-experts", default="grouped_mm", choices=(*EXPERTS_IMPLS, "auto"),
+        "--peer-experts",
+        default="grouped_mm",
+        choices=(*EXPERTS_IMPLS, "auto"),
         help="transformers experts_implementation; default grouped_mm (fastest on CPU: batched_mm gathers a\n"
         "weight copy per token-expert pair, eager loops over experts with one-hot masks). 'auto' times\n"
         "one step of each and keeps the fastest (slow: batched_mm takes ~10-20 s a step on tiny)",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0, help="weights and batch seed; default 0")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     a = p.parse_args(argv)
@@ -278,9 +280,13 @@ def main(argv=None) -> int:
     for name, ts in (("ours", t_ours), ("transformers", t_peer)):
         med = statistics.median(ts)
         rows[name] = {
-            "median_s": med, "min_s": min(ts), "max_s": max(ts), "tokens_per_s": tok / med,
-            "mfu": tok / med * fpt / peak, "times_s": ts,
-        }  # fmt: skip
+            "median_s": med,
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "tokens_per_s": tok / med,
+            "mfu": tok / med * fpt / peak,
+            "times_s": ts,
+        }
     ratio = rows["ours"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
     paired = statistics.median(p / o for o, p in zip(t_ours, t_peer, strict=True))
 
@@ -308,8 +314,12 @@ def main(argv=None) -> int:
         out = {
             "config": {**vars(a), "threads": torch.get_num_threads(), "tokens_per_step": tok},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "peer": {"attn_implementation": "sdpa", "experts_implementation": impl, "kernel": kernel,
-                     "experts_step_s": impl_times},
+            "peer": {
+                "attn_implementation": "sdpa",
+                "experts_implementation": impl,
+                "kernel": kernel,
+                "experts_step_s": impl_times,
+            },
             "check": check,
             "params": {"total": total_params, "activated_non_embedding": act_params},
             "flops_per_token": {"total": fpt, "dense_6n": fpt_dense, "attention": fpt_attn},
@@ -320,7 +330,7 @@ def main(argv=None) -> int:
             "paired_ratio": paired,
             "busy_cores_before": busy,
             "busy_cores_after": busy_after,
-        }  # fmt: skip
+        }
         write_json(a.json, out)
     return 0
 

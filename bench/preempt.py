@@ -51,9 +51,15 @@ def main() -> None:
             proc.wait()
             wall = time.monotonic() - t0
             stop = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "preempted"]
-            rows.append({"signal_after_step": k, "exit_code": proc.returncode, "exit_s": round(wall, 2),
-                         "stopped_after_step": stop[0]["step"] if stop else None,
-                         "workers_stop_s": round(stop[0]["stop_s"], 2) if stop else None})  # fmt: skip
+            rows.append(
+                {
+                    "signal_after_step": k,
+                    "exit_code": proc.returncode,
+                    "exit_s": round(wall, 2),
+                    "stopped_after_step": stop[0]["step"] if stop else None,
+                    "workers_stop_s": round(stop[0]["stop_s"], 2) if stop else None,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
 
 

@@ -65,27 +65,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="model preset (anychip.models.PRESETS); default tiny")
     p.add_argument("--batch", type=int, default=64, help="sequences per generate call; default 64")
     p.add_argument(
-        "--prompts", type=int, default=8,
+        "--prompts",
+        type=int,
+        default=8,
         help="distinct prompts in the batch, each repeated batch/prompts times; default 8",
-    )  # fmt: skip
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per sequence; default 64")
     p.add_argument("--reps", type=int, default=5, help="timed generate calls per sampler; default 5")
     p.add_argument("--warmup", type=int, default=1, help="untimed generate calls per sampler; default 1")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both models' dtype")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default: torch's default")
     p.add_argument(
-        "--peer-cache", choices=("both", *CACHES), default="both",
+        "--peer-cache",
+        choices=("both", *CACHES),
+        default="both",
         help="transformers cache: its default dynamic cache, cache_implementation='static', or both\n"
         "(timed in turn; the faster is the peer of the ratio); default both",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--peer-experts", default="grouped_mm", choices=EXPERTS_IMPLS,
+        "--peer-experts",
+        default="grouped_mm",
+        choices=EXPERTS_IMPLS,
         help="transformers experts_implementation; default grouped_mm (fastest on CPU)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--check-tokens", type=int, default=None,
+        "--check-tokens",
+        type=int,
+        default=None,
         help="greedy/sampled tokens compared before timing; default min(32, --max-new-tokens)",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed; default 0")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     a = p.parse_args(argv)
@@ -159,10 +167,18 @@ def make_samplers(ours, peer, prompts: list[list[int]], tok: ByteTokenizer, max_
     def peer_sampler(cache: str):
         def run(sample: bool, seed: int, n: int = max_new) -> torch.Tensor:
             cfg = GenerationConfig(
-                max_new_tokens=n, min_new_tokens=0, do_sample=sample, temperature=1.0, top_k=0, top_p=1.0,
-                use_cache=True, cache_implementation="static" if cache == "static" else None,
-                pad_token_id=tok.pad_id, eos_token_id=None, num_beams=1,
-            )  # fmt: skip
+                max_new_tokens=n,
+                min_new_tokens=0,
+                do_sample=sample,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                use_cache=True,
+                cache_implementation="static" if cache == "static" else None,
+                pad_token_id=tok.pad_id,
+                eos_token_id=None,
+                num_beams=1,
+            )
             torch.manual_seed(seed)
             out = peer.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
             return out[:, ids.shape[1] :]
@@ -283,8 +299,13 @@ def main(argv=None) -> int:
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "tokens_per_s": tok_per_call / med,
-                      "times_s": ts}  # fmt: skip
+        rows[name] = {
+            "median_s": med,
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "tokens_per_s": tok_per_call / med,
+            "times_s": ts,
+        }
     peer_name = min((n for n in rows if n != "ours"), key=lambda n: rows[n]["median_s"])
     ratio = rows["ours"]["tokens_per_s"] / rows[peer_name]["tokens_per_s"]
     paired = statistics.median(p / o for o, p in zip(times["ours"], times[peer_name], strict=True))
@@ -305,11 +326,21 @@ def main(argv=None) -> int:
 
     if a.json:
         out = {
-            "config": {**vars(a), "threads": torch.get_num_threads(), "prompts": n_prompts,
-                       "generated_tokens_per_call": tok_per_call, "prompt_width": width},
+            "config": {
+                **vars(a),
+                "threads": torch.get_num_threads(),
+                "prompts": n_prompts,
+                "generated_tokens_per_call": tok_per_call,
+                "prompt_width": width,
+            },
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "peer": {"attn_implementation": "sdpa", "experts_implementation": a.peer_experts, "kernel": kernel,
-                     "caches": list(caches), "fastest": peer_name},
+            "peer": {
+                "attn_implementation": "sdpa",
+                "experts_implementation": a.peer_experts,
+                "kernel": kernel,
+                "caches": list(caches),
+                "fastest": peer_name,
+            },
             "ours": {"routed_experts": ours_kernel},
             "prompts": texts,
             "check": check,
@@ -319,7 +350,7 @@ def main(argv=None) -> int:
             "paired_ratio": paired,
             "busy_cores_before": busy,
             "busy_cores_after": busy_after,
-        }  # fmt: skip
+        }
         write_json(a.json, out)
     return 0
 

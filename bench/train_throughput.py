@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anychip.config import load_config  # noqa: E402
 from anychip.models import save_hf, training_flops_per_token  # noqa: E402
-from anychip.train.loop import Hooks, train  # noqa: E402
+from anychip.train.hooks import Hooks  # noqa: E402
+from anychip.train.loop import train  # noqa: E402
 from anychip.train.optim import lr_at  # noqa: E402
 
 
@@ -52,9 +53,14 @@ def main(argv=None) -> int:
 
     transformers.logging.set_verbosity_error()
     sets = [
-        f"train.steps={a.steps}", "model.num_nextn_predict_layers=0", "eval.n=0", "log.tensorboard=false",
-        "log.progress=false", "device.type=cpu", *a.sets,
-    ]  # fmt: skip
+        f"train.steps={a.steps}",
+        "model.num_nextn_predict_layers=0",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "device.type=cpu",
+        *a.sets,
+    ]
     cfg = load_config(None, sets)
     tmp = Path(tempfile.mkdtemp(prefix="anychip-bench-"))
     peer: dict = {}
@@ -72,8 +78,10 @@ def main(argv=None) -> int:
         other = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embed_tokens" not in n)]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=state.device.fused_adamw() or None,
-        )  # fmt: skip
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            fused=state.device.fused_adamw() or None,
+        )
         peer.update(model=model, opt=opt)
 
     def peer_step(state):
@@ -103,9 +111,11 @@ def main(argv=None) -> int:
     t_ours, t_peer = statistics.median(ours), statistics.median(theirs)
     peak = state.device.peak_flops(torch.float32)
     fpt, _, _ = training_flops_per_token(state.model.args, cfg.train.seq_len)
-    print(f"train_throughput: {cfg.model.preset} (MTP off), global batch {cfg.train.global_batch} x "
-          f"{cfg.train.seq_len}, {cfg.train.mode}, {a.steps} steps ({a.warmup} warm-up), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
+    print(
+        f"train_throughput: {cfg.model.preset} (MTP off), global batch {cfg.train.global_batch} x "
+        f"{cfg.train.seq_len}, {cfg.train.mode}, {a.steps} steps ({a.warmup} warm-up), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     print(f"first-step losses: anychip {loss_pairs[0][0]:.6f}  transformers {loss_pairs[0][1]:.6f}")
     print(f"last-step losses:  anychip {loss_pairs[-1][0]:.6f}  transformers {loss_pairs[-1][1]:.6f}")
     print(f"peak (measured, float32 matmul): {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f}M")

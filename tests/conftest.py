@@ -11,7 +11,8 @@ from anychip.models import DeepSeekV3, ModelArgs, preset, save_hf
 # Tests use tiny tensors: one thread is fastest and immune to a busy second core.
 torch.set_num_threads(1)
 
-# Small shapes that still exercise every branch of the architecture.
+# Small shapes that still exercise every branch of the architecture (not formatted, marker at the end:
+# 18 small numbers read best as one block).
 BASE = dict(
     vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=12,
     qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, intermediate_size=48, first_k_dense_replace=1,
@@ -50,11 +51,25 @@ def transformers_deepseek(path, **config):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     cfg = transformers.DeepseekV3Config(
-        vocab_size=80, hidden_size=32, intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
-        first_k_dense_replace=1, max_position_embeddings=64, **config,
-    )  # fmt: skip
+        vocab_size=80,
+        hidden_size=32,
+        intermediate_size=40,
+        moe_intermediate_size=12,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        max_position_embeddings=64,
+        **config,
+    )
     torch.manual_seed(0)
     peer = transformers.DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():  # untrained routers and biases are all zero: make routing non-trivial
@@ -73,8 +88,9 @@ def debug_args() -> ModelArgs:
 def run_command(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group (a launcher's
     workers too, not only the launcher) and fail with the end of its stderr."""
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -88,8 +104,23 @@ class HtmlPage(html.parser.HTMLParser):
     """An HTML page, parsed: tags must balance (an unbalanced close tag fails); collects the text, the
     number of SVG figures, every URL the page would fetch and the class of each table cell."""
 
-    VOID = {"meta", "br", "img", "link", "input", "hr", "path", "rect", "use", "stop", "circle", "line",
-            "polyline", "polygon", "ellipse"}  # fmt: skip
+    VOID = {
+        "meta",
+        "br",
+        "img",
+        "link",
+        "input",
+        "hr",
+        "path",
+        "rect",
+        "use",
+        "stop",
+        "circle",
+        "line",
+        "polyline",
+        "polygon",
+        "ellipse",
+    }
 
     def __init__(self, text: str):
         super().__init__()

@@ -22,10 +22,20 @@ from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl as lines
 
 RUN = [
-    "model.preset=debug", "train.steps=16", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
-    "train.lr=3e-3", "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu",
-    "checkpoint.interval=4", "checkpoint.keep=3", "parallel.max_restarts=0",
-]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=16",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=4",
+    "checkpoint.keep=3",
+    "parallel.max_restarts=0",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -153,11 +163,9 @@ def test_corrupt_checkpoints_fall_back_to_an_older_one(reference, tmp_path):
 
 def test_incompatible_config_is_refused(reference, tmp_path):
     run = _copy_run(reference, tmp_path / "wider")
-    r = subprocess.run(
-        [sys.executable, "-m", "anychip.cli", "train", "--resume", str(run), "--set", "model.hidden_size=48",
-         "--set", "parallel.max_restarts=0", "--set", "train.steps=20"],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "anychip.cli", "train", "--resume", str(run)]
+    argv += ["--set", "model.hidden_size=48", "--set", "parallel.max_restarts=0", "--set", "train.steps=20"]
+    r = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "model.hidden_size (run: not set, now: 48)" in r.stderr and "Traceback" not in r.stderr
     # a worker started on the directory directly (plain torchrun) meets the checkpoint's own check
@@ -223,11 +231,9 @@ def test_resume_on_another_number_of_processes(tmp_path, first, second):
 
 def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):
     run = _copy_run(reference, tmp_path / "more")
-    r = subprocess.run(
-        [sys.executable, "-m", "anychip.cli", "train", "--resume", str(run), "--set", "train.steps=20",
-         "--set", "parallel.max_restarts=0"],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "anychip.cli", "train", "--resume", str(run)]
+    argv += ["--set", "train.steps=20", "--set", "parallel.max_restarts=0"]
+    r = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [m["step"] for m in lines(run / "metrics.jsonl")][-4:] == [17, 18, 19, 20]
     r = subprocess.run(
@@ -240,7 +246,7 @@ def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):
     assert r.returncode == 0, r.stderr
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert_identical(exported, weights(reference))  # step 16 of the resumed run is the reference's end
-    from anychip.train.loop import Hooks
+    from anychip.train.hooks import Hooks
 
     seen = {}
     hooks = Hooks()
@@ -251,8 +257,8 @@ def test_resume_command_and_export_then_init_from_hf(reference, tmp_path):
 
     for k, v in load_hf(tmp_path / "hf").state_dict().items():
         assert torch.equal(seen[k], v), k
-    r = subprocess.run([sys.executable, "-m", "anychip.cli", "export", str(run), "--step", "3", "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+    argv = [sys.executable, "-m", "anychip.cli", "export", str(run), "--step", "3", "--out", str(tmp_path / "x")]
+    r = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 2 and "no checkpoint of step 3" in r.stderr
 
 

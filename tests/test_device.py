@@ -30,10 +30,26 @@ ORDER = ["cuda", "npu", "xpu", "mps", "cpu"]
 VENDOR_CLASSES = [CudaDevice, NpuDevice, XpuDevice, MpsDevice, CpuDevice]
 # The methods and properties the training loop calls: renaming one must fail here.
 API = [
-    "type", "torch_device", "set_current", "dist_backend", "device_count", "supports_dtype", "autocast_dtype",
-    "synchronize", "memory_stats", "reset_peak_memory", "manual_seed", "rng_state", "set_rng_state", "name",
-    "peak_flops", "peak_bandwidth", "fused_adamw", "is_available", "unavailable_reason",
-]  # fmt: skip
+    "type",
+    "torch_device",
+    "set_current",
+    "dist_backend",
+    "device_count",
+    "supports_dtype",
+    "autocast_dtype",
+    "synchronize",
+    "memory_stats",
+    "reset_peak_memory",
+    "manual_seed",
+    "rng_state",
+    "set_rng_state",
+    "name",
+    "peak_flops",
+    "peak_bandwidth",
+    "fused_adamw",
+    "is_available",
+    "unavailable_reason",
+]
 
 
 # -- mocks -----------------------------------------------------------------------------------------
@@ -210,10 +226,19 @@ def test_dist_backend(cls, backend):
 def test_accelerator_calls_its_module_correctly(monkeypatch, cls, real_module, product):
     state = torch.arange(16, dtype=torch.uint8)
     fake = autospec_module(
-        monkeypatch, cls, real_module,
-        is_available=True, device_count=2, current_device=1, get_device_name=product, get_rng_state=state,
-        memory_allocated=100, memory_reserved=300, max_memory_allocated=200, is_bf16_supported=True,
-    )  # fmt: skip
+        monkeypatch,
+        cls,
+        real_module,
+        is_available=True,
+        device_count=2,
+        current_device=1,
+        get_device_name=product,
+        get_rng_state=state,
+        memory_allocated=100,
+        memory_reserved=300,
+        max_memory_allocated=200,
+        is_bf16_supported=True,
+    )
     if cls is NpuDevice:
         monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
     probed = []
@@ -278,9 +303,14 @@ def test_unknown_accelerator_has_no_peak(monkeypatch):
 def test_mps_calls_its_module_correctly(monkeypatch):
     state = torch.arange(8, dtype=torch.uint8)
     fake = autospec_module(
-        monkeypatch, MpsDevice, torch.mps,
-        device_count=1, current_allocated_memory=50, driver_allocated_memory=80, get_rng_state=state,
-    )  # fmt: skip
+        monkeypatch,
+        MpsDevice,
+        torch.mps,
+        device_count=1,
+        current_allocated_memory=50,
+        driver_allocated_memory=80,
+        get_rng_state=state,
+    )
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
     monkeypatch.setattr(mps_mod, "probe_fused_adamw", lambda dev: dev == torch.device("mps"))
     enable_mps(monkeypatch)

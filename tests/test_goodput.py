@@ -21,8 +21,10 @@ def ev(time, event, **fields):
 
 def steps(first, last, t0, step_time=0.5):
     """Metrics of steps first..last, one every step_time seconds, the first ending at t0."""
-    return [{"step": s, "time": t0 + (s - first) * step_time, "step_time": step_time, "loss": 1.0}
-            for s in range(first, last + 1)]  # fmt: skip
+    return [
+        {"step": s, "time": t0 + (s - first) * step_time, "step_time": step_time, "loss": 1.0}
+        for s in range(first, last + 1)
+    ]
 
 
 @pytest.fixture
@@ -66,16 +68,24 @@ def test_faults_are_matched_timed_and_costed(run):
 def test_summary_per_kind(run):
     g = goodput(run)
     assert g.fault_summary == {
-        "nan": {"count": 1, "injected": 1, "detected": 1, "median_latency_s": pytest.approx(0.2),
-                "lost_s": pytest.approx(0.5)},
+        "nan": {
+            "count": 1,
+            "injected": 1,
+            "detected": 1,
+            "median_latency_s": pytest.approx(0.2),
+            "lost_s": pytest.approx(0.5),
+        },
         "bitflip": {"count": 1, "injected": 1, "detected": 0, "median_latency_s": None, "lost_s": None},
         "hang": {"count": 1, "injected": 0, "detected": 1, "median_latency_s": None, "lost_s": pytest.approx(7.0)},
-    }  # fmt: skip
+    }
     text = format_goodput(g)
     assert text.splitlines()[-4].startswith("faults")
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[-3:]}
-    assert rows == {"nan": ["1", "1", "1", "0.20", "s", "0.50", "s"], "bitflip": ["1", "1", "0", "-", "-"],
-                    "hang": ["1", "0", "1", "-", "7.00", "s"]}  # fmt: skip
+    assert rows == {
+        "nan": ["1", "1", "1", "0.20", "s", "0.50", "s"],
+        "bitflip": ["1", "1", "0", "-", "-"],
+        "hang": ["1", "0", "1", "-", "7.00", "s"],
+    }
 
 
 def test_each_detection_answers_one_injection(tmp_path):
@@ -100,10 +110,15 @@ def test_each_detection_answers_one_injection(tmp_path):
     metrics = steps(1, 6, 1.0) + steps(6, 7, 6.5) + steps(8, 9, 8.5)
     found = goodput(write_run(tmp_path / "run", events, metrics)).faults
     assert [(f["kind"], f["injected"], f["time"], f["detected_at"]) for f in found] == [
-        ("straggler", False, 1.0, 1.0), ("slow", True, 2.0, 3.0), ("spike", False, 2.5, 2.5),
-        ("straggler", False, 4.0, 4.0), ("kill", True, 5.0, 6.1), ("kill", True, 7.0, 8.1),
-        ("checkpoint_corrupt", False, 9.0, 9.0), ("error", False, 9.5, 9.5),
-    ]  # fmt: skip
+        ("straggler", False, 1.0, 1.0),
+        ("slow", True, 2.0, 3.0),
+        ("spike", False, 2.5, 2.5),
+        ("straggler", False, 4.0, 4.0),
+        ("kill", True, 5.0, 6.1),
+        ("kill", True, 7.0, 8.1),
+        ("checkpoint_corrupt", False, 9.0, 9.0),
+        ("error", False, 9.5, 9.5),
+    ]
     kill1, kill2 = (f for f in found if f["kind"] == "kill")
     assert kill1["latency_s"] == pytest.approx(1.1) and kill2["latency_s"] == pytest.approx(1.1)
     assert kill1["lost_s"] == pytest.approx(7.0 - 5.0 - 0.5)  # step 7 is done at 7.0

@@ -19,20 +19,38 @@ from anychip.checkpoint import committed
 from anychip.config import ChaosConfig, GuardsConfig, load_config
 from anychip.errors import ConfigError, GuardStop
 from anychip.goodput import goodput
-from anychip.guards.base import Action
+from anychip.guards.base import Action, StepView
 from anychip.guards.nonfinite import NonFinite
 from anychip.guards.sdc import fingerprint, odd_ones_out
 from anychip.guards.spike import robust_z
-from anychip.train.loop import Hooks, train
+from anychip.train.hooks import Hooks
+from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl as lines
 
 RUN = [
-    "model.preset=debug", "train.steps=30", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
-    "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu", "checkpoint.interval=5",
-    "checkpoint.keep=3", "guards.spike_min_history=5", "guards.audit_interval=10", "parallel.max_restarts=0",
-]  # fmt: skip
-DDP = ["parallel.nproc=2", "parallel.strategy=ddp", "guards.replica_check_interval=5",
-       "guards.straggler_interval=10", "chaos.slow_s=0.2", "parallel.max_restarts=3"]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=30",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=5",
+    "checkpoint.keep=3",
+    "guards.spike_min_history=5",
+    "guards.audit_interval=10",
+    "parallel.max_restarts=0",
+]
+DDP = [
+    "parallel.nproc=2",
+    "parallel.strategy=ddp",
+    "guards.replica_check_interval=5",
+    "guards.straggler_interval=10",
+    "chaos.slow_s=0.2",
+    "parallel.max_restarts=3",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -161,7 +179,7 @@ def test_data_caused_spike_rolls_back_and_skips_the_window(tmp_path):
 def test_spike_that_comes_back_stops_the_run_after_bounded_rollbacks(tmp_path):
     def spike(state):  # a spike at step 22 whatever the data: rollbacks cannot get past it
         if state.step == 22:
-            state.losses["loss"] = 100.0
+            state.figures["loss"] = 100.0
 
     hooks = Hooks()
     hooks.add("after_backward", spike)
@@ -303,17 +321,12 @@ def test_robust_z():
 
 
 def test_nonfinite_state_machine():
-    class S:
-        step, grad_norm, verdicts = 5, float("nan"), []
-        losses = {"loss": 1.0}
-
     g = NonFinite(GuardsConfig(nonfinite_max=2, max_rollbacks=1))
     seen = []
     for step in (5, 5, 6, 6):  # retry, skip; retry, skip -> 2 in a row -> rollback
-        S.step, S.verdicts = step, []
-        g.before_update(S)
-        seen.append(S.verdicts[0].action)
+        seen.append(g.judge(StepView(step, {"loss": 1.0}, float("nan"), {})).action)
     assert seen == [Action.RETRY, Action.SKIP, Action.RETRY, Action.ROLLBACK]
+    assert g.judge(StepView(7, {"loss": 1.0}, 2.0, {})) is None  # finite: no objection
 
 
 def test_chaos_specs_and_schedule():
@@ -337,12 +350,12 @@ def test_watchdog_kills_a_stopped_process(tmp_path):
     beat = tmp_path / "hb.json"
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        beat.write_text(json.dumps({"step": 3, "phase": "step", "time": time.time(), "timeout_s": 1.0,
-                                    "pid": victim.pid}))  # fmt: skip
+        record = {"step": 3, "phase": "step", "time": time.time(), "timeout_s": 1.0, "pid": victim.pid}
+        beat.write_text(json.dumps(record))
         os.kill(victim.pid, signal.SIGSTOP)
-        dog = subprocess.run([sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(beat), "--pid",
-                              str(victim.pid), "--run-dir", str(tmp_path), "--stacks", str(tmp_path / "s.txt"),
-                              "--poll", "0.1"], timeout=30)  # fmt: skip
+        argv = [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(beat), "--pid", str(victim.pid)]
+        argv += ["--run-dir", str(tmp_path), "--stacks", str(tmp_path / "s.txt"), "--poll", "0.1"]
+        dog = subprocess.run(argv, timeout=30)
         assert dog.returncode == 0
         assert victim.wait(timeout=10) == -signal.SIGKILL
         [hang] = events(tmp_path, "hang_detected")
@@ -379,12 +392,12 @@ def test_watchdog_leaves_an_unwatched_phase_alone(tmp_path):
     beat = tmp_path / "hb.json"
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        beat.write_text(json.dumps({"step": -1, "phase": "finish", "time": time.time() - 1000, "timeout_s": None,
-                                    "pid": victim.pid}))  # fmt: skip
+        record = {"step": -1, "phase": "finish", "time": time.time() - 1000, "timeout_s": None, "pid": victim.pid}
+        beat.write_text(json.dumps(record))
+        argv = [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(beat), "--pid", str(victim.pid)]
+        argv += ["--run-dir", str(tmp_path), "--stacks", str(tmp_path / "s.txt"), "--poll", "0.1"]
         with pytest.raises(subprocess.TimeoutExpired):
-            subprocess.run([sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(beat), "--pid",
-                            str(victim.pid), "--run-dir", str(tmp_path), "--stacks", str(tmp_path / "s.txt"),
-                            "--poll", "0.1"], timeout=2)  # fmt: skip
+            subprocess.run(argv, timeout=2)
         assert victim.poll() is None and events(tmp_path) == []
     finally:
         victim.kill()

@@ -45,8 +45,13 @@ V3_HUB_CONFIG = {
     "qk_rope_head_dim": 64,
     "rms_norm_eps": 1e-06,
     "rope_scaling": {
-        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 4096, "type": "yarn",
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
     },
     "rope_theta": 10000,
     "routed_scaling_factor": 2.5,
@@ -60,7 +65,7 @@ V3_HUB_CONFIG = {
     "use_cache": True,
     "v_head_dim": 128,
     "vocab_size": 129280,
-}  # fmt: skip
+}
 
 
 def test_published_v3_config_is_the_v3_preset():

@@ -14,11 +14,15 @@ CONFIGS = {
     "dense_only": dict(first_k_dense_replace=3),
     "no_norm_topk": dict(norm_topk_prob=False, routed_scaling_factor=1.0),
     "two_dense_layers": dict(num_hidden_layers=4, first_k_dense_replace=2),
-    "yarn": dict(rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32, mscale=1.0, mscale_all_dim=1.0)),
-    "yarn_mscale_0707": dict(rope_scaling=YarnScaling(factor=8.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707)),
+    "yarn": dict(
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32, mscale=1.0, mscale_all_dim=1.0)
+    ),
+    "yarn_mscale_0707": dict(
+        rope_scaling=YarnScaling(factor=8.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=0.707)
+    ),
     "not_interleaved_bias_tied": dict(rope_interleave=False, attention_bias=True, tie_word_embeddings=True),
     "two_shared_experts_mtp": dict(n_shared_experts=2, num_nextn_predict_layers=2),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

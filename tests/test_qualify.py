@@ -83,8 +83,11 @@ def test_fault_injection_perturbs_only_while_active():
             assert rel.max() == pytest.approx(1e-2, rel=1e-3) and rel.min() > 0.9e-2
         assert torch.equal(torch.sigmoid(x), torch.sigmoid(x))  # other ops untouched
     assert torch.equal(torch.softmax(x, -1), clean)
-    for spec, words in (("nope", "unknown operation 'nope'"), ("softmax:x", "not a relative error"),
-                        ("softmax:2", "must be in (0, 1)")):  # fmt: skip
+    for spec, words in (
+        ("nope", "unknown operation 'nope'"),
+        ("softmax:x", "not a relative error"),
+        ("softmax:2", "must be in (0, 1)"),
+    ):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             parse(spec)
 
@@ -95,8 +98,18 @@ def test_fault_injection_perturbs_only_while_active():
 def test_cpu_float32_bfloat16_float16_pass_against_float64():
     rows = run_ops(CPU, CPU, DEBUG, SMALL, (torch.float32, torch.bfloat16, torch.float16), time_budget_s=0)
     ops = {r["op"] for r in rows}
-    assert ops == {"matmul", "softmax", "rms_norm", "rope", "sdpa", "swiglu", "moe_router", "moe_experts",
-                   "cross_entropy", "adamw_step"}  # fmt: skip
+    assert ops == {
+        "matmul",
+        "softmax",
+        "rms_norm",
+        "rope",
+        "sdpa",
+        "swiglu",
+        "moe_router",
+        "moe_experts",
+        "cross_entropy",
+        "adamw_step",
+    }
     assert [r for r in rows if r["status"] != PASS] == []
     by = {(r["op"], r["dtype"]): r for r in rows}
     assert ("matmul", "float16") in by and ("softmax", "float16") not in by
@@ -111,8 +124,9 @@ def test_cpu_float32_bfloat16_float16_pass_against_float64():
 
 
 def test_injected_softmax_fault_is_caught_and_named():
-    rows = run_ops(CPU, CPU, DEBUG, SMALL, (torch.float32,), fault=("softmax", 1e-3), only=("softmax", "matmul"),
-                   time_budget_s=0)  # fmt: skip
+    rows = run_ops(
+        CPU, CPU, DEBUG, SMALL, (torch.float32,), fault=("softmax", 1e-3), only=("softmax", "matmul"), time_budget_s=0
+    )
     by = {r["op"]: r for r in rows}
     assert by["matmul"]["status"] == PASS
     soft = by["softmax"]
@@ -124,8 +138,8 @@ def test_injected_softmax_fault_is_caught_and_named():
 
 
 def test_router_fault_shows_in_expert_choice():
-    rows = run_ops(CPU, CPU, DEBUG, Shape(1024, 32), (torch.float32,), fault=("sigmoid", 5e-2),
-                   only=("moe_router",), time_budget_s=0)  # fmt: skip
+    shape, fault = Shape(1024, 32), ("sigmoid", 5e-2)
+    rows = run_ops(CPU, CPU, DEBUG, shape, (torch.float32,), fault=fault, only=("moe_router",), time_budget_s=0)
     assert rows[0]["status"] == FAIL and rows[0]["expert_agreement"] < 1.0
 
 
@@ -153,8 +167,8 @@ def test_step_parity_passes_clean_and_finds_the_layer_of_a_faulty_op():
 
 # -- CLI and report card ---------------------------------------------------------------------------
 
-QUICK = ["qualify", "--device", "cpu", "--preset", "debug", "--tokens", "128", "--seq", "32", "--steps", "1",
-         "--parity-batch", "2", "--parity-seq", "16"]  # fmt: skip
+QUICK = ["qualify", "--device", "cpu", "--preset", "debug", "--tokens", "128", "--seq", "32", "--steps", "1"]
+QUICK += ["--parity-batch", "2", "--parity-seq", "16"]
 
 
 def _parse_html(path) -> HtmlPage:
@@ -180,8 +194,8 @@ def test_cli_writes_a_passing_report_card(tmp_path, capsys):
 
 
 def test_cli_fails_on_an_injected_fault_and_names_it(tmp_path, capsys):
-    code = main([*QUICK, "--dtypes", "float32", "--parity-dtypes", "float32", "--inject", "sigmoid:1e-3",
-                 "--out", str(tmp_path)])  # fmt: skip
+    flags = ["--dtypes", "float32", "--parity-dtypes", "float32", "--inject", "sigmoid:1e-3"]
+    code = main([*QUICK, *flags, "--out", str(tmp_path)])
     assert code == 1
     assert "qualify: FAIL" in capsys.readouterr().out
     md = (tmp_path / "qualify.md").read_text()
@@ -198,9 +212,19 @@ def test_cli_takes_shapes_and_weights_from_a_run(tmp_path):
     from anychip.export import load_init
     from anychip.train.loop import train
 
-    sets = ["model.preset=debug", "model.n_routed_experts=4", "model.n_group=1", "model.topk_group=1",
-            "train.steps=2", "train.global_batch=2", "train.seq_len=16", "eval.n=0", "log.tensorboard=false",
-            "checkpoint.interval=0", "parallel.max_restarts=0"]  # fmt: skip
+    sets = [
+        "model.preset=debug",
+        "model.n_routed_experts=4",
+        "model.n_group=1",
+        "model.topk_group=1",
+        "train.steps=2",
+        "train.global_batch=2",
+        "train.seq_len=16",
+        "eval.n=0",
+        "log.tensorboard=false",
+        "checkpoint.interval=0",
+        "parallel.max_restarts=0",
+    ]
     train(load_config(None, sets), tmp_path / "run")
     out = tmp_path / "card"
     argv = [*QUICK, "--init", str(tmp_path / "run"), "--dtypes", "float32", "--parity-dtypes", "float32"]
@@ -218,12 +242,14 @@ def test_cli_takes_shapes_and_weights_from_a_run(tmp_path):
 
 @pytest.mark.parametrize(
     "flags, words",
-    [(["--dtypes", "float8"], "--dtypes 'float8': unknown dtype(s) float8"),
-     (["--inject", "tanh"], "unknown operation 'tanh'"),
-     (["--preset", "huge"], "--preset 'huge' is unknown"),
-     (["--tokens", "100", "--seq", "32"], "--tokens 100 must be a multiple of --seq 32"),
-     (["--init", "/nonexistent/run"], "--init /nonexistent/run: no such file")],
-)  # fmt: skip
+    [
+        (["--dtypes", "float8"], "--dtypes 'float8': unknown dtype(s) float8"),
+        (["--inject", "tanh"], "unknown operation 'tanh'"),
+        (["--preset", "huge"], "--preset 'huge' is unknown"),
+        (["--tokens", "100", "--seq", "32"], "--tokens 100 must be a multiple of --seq 32"),
+        (["--init", "/nonexistent/run"], "--init /nonexistent/run: no such file"),
+    ],
+)
 def test_cli_rejects_bad_flags_by_name(tmp_path, capsys, flags, words):
     assert main([*QUICK, *flags, "--out", str(tmp_path / "out")]) == 2
     assert words in capsys.readouterr().err
@@ -232,8 +258,8 @@ def test_cli_rejects_bad_flags_by_name(tmp_path, capsys, flags, words):
 
 def test_two_processes_check_collectives_on_every_rank(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "anychip.cli", *QUICK, "--ops", "matmul", "--steps", "0", "--nproc", "2",
-            "--collective-numel", "4096", "--out", str(tmp_path)]  # fmt: skip
+    flags = ["--ops", "matmul", "--steps", "0", "--nproc", "2", "--collective-numel", "4096"]
+    args = [sys.executable, "-m", "anychip.cli", *QUICK, *flags, "--out", str(tmp_path)]
     result = run_command(args, env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "qualify.json").read_text())

@@ -25,10 +25,18 @@ from anychip.report.summary import overview
 from anychip.train.loop import train
 
 RUN = [
-    "model.preset=debug", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2", "train.mode=pretrain",
-    "eval.n=0", "log.tensorboard=false", "device.type=cpu", "checkpoint.interval=5", "checkpoint.keep=3",
+    "model.preset=debug",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=5",
+    "checkpoint.keep=3",
     "train.log_interval=2",
-]  # fmt: skip
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -71,8 +79,16 @@ def test_report_has_every_figure_and_needs_no_network(faulty_run, tmp_path, caps
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     page = HtmlPage(out.read_text())
     assert page.open == [] and page.fetches == []  # self-contained: nothing to load from anywhere
-    headings = ["Summary", "Faults by kind", "Goodput timeline", "Loss", "Optimizer", "Throughput and memory",
-                "Expert load", "Events"]  # fmt: skip
+    headings = [
+        "Summary",
+        "Faults by kind",
+        "Goodput timeline",
+        "Loss",
+        "Optimizer",
+        "Throughput and memory",
+        "Expert load",
+        "Events",
+    ]
     for h in headings:
         assert f"<h2>{h}</h2>" in out.read_text(), h
     assert "Reinforcement learning" not in page.words  # not a GRPO run
@@ -117,8 +133,9 @@ def test_status_and_report_of_a_run_that_is_still_going(tmp_path):
     run_dir = tmp_path / "live"
     # in this process group (no elastic agent, whose workers would outlive the kill below)
     sets = ("train.steps=100000", "checkpoint.interval=50", "parallel.max_restarts=0")
-    p = subprocess.Popen(cli_args(run_dir, *sets), env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        cli_args(run_dir, *sets), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -170,8 +187,10 @@ def test_stopped_and_failed_runs_say_why(faulty_run, tmp_path):
     assert 'class="state stopped"' in render(run)
 
 
-@pytest.mark.parametrize("make, words", [(lambda p: p / "missing", "does not exist"),
-                                         (lambda p: p, "is not a run directory (no events.jsonl)")])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, words",
+    [(lambda p: p / "missing", "does not exist"), (lambda p: p, "is not a run directory (no events.jsonl)")],
+)
 def test_not_a_run_is_a_clear_error(tmp_path, capsys, make, words):
     for command in ("report", "status"):
         assert main([command, str(make(tmp_path))]) == 2
@@ -213,8 +232,10 @@ def test_report_in_headless_chromium(faulty_run, tmp_path):
 
     report = write_report(faulty_run, tmp_path / "report.html")
     control = tmp_path / "control.html"  # the same checks must see a broken page's errors
-    control.write_text('<!doctype html><p>x</p><script>console.error("boom"); missing();</script>'
-                       '<img src="https://example.invalid/a.png">')  # fmt: skip
+    control.write_text(
+        '<!doctype html><p>x</p><script>console.error("boom"); missing();</script>'
+        '<img src="https://example.invalid/a.png">'
+    )
     browser = _browser()
     try:
         browser.get(control.as_uri())
@@ -228,8 +249,14 @@ def test_report_in_headless_chromium(faulty_run, tmp_path):
         assert len(figures) == 5 and all(f.size["width"] > 300 and f.size["height"] > 150 for f in figures)
         text = browser.find_element(By.TAG_NAME, "body").text
         g = goodput(faulty_run)
-        for key in (f"{g.ratio:.1%}", "nan 1, kill 1", "step 30 of 30 (100%)", "mtp.0.block (MoE 3 of 3)",
-                    "crash_detected"):  # fmt: skip
+        shown = (
+            f"{g.ratio:.1%}",
+            "nan 1, kill 1",
+            "step 30 of 30 (100%)",
+            "mtp.0.block (MoE 3 of 3)",
+            "crash_detected",
+        )
+        for key in shown:
             assert key in text, key
         shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     finally:

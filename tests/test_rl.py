@@ -22,22 +22,45 @@ from anychip.report.run import load_run
 from anychip.report.summary import overview
 from anychip.rl.losses import group_advantages, k3_kl, normalise, per_token_loss, policy_loss
 from anychip.rl.rewards import Completion, Rewards, format_reward, load_function, overlong
-from anychip.train.loop import Hooks, train
+from anychip.train.hooks import Hooks
+from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 SFT = [
-    "model.preset=debug", "train.steps=6", "train.global_batch=4", "train.seq_len=64", "train.warmup_steps=1",
-    "eval.n=0", "log.tensorboard=false", "log.progress=false", "device.type=cpu", "checkpoint.interval=0",
-    "guards.watchdog=false", "parallel.max_restarts=0",
-]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=6",
+    "train.global_batch=4",
+    "train.seq_len=64",
+    "train.warmup_steps=1",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "device.type=cpu",
+    "checkpoint.interval=0",
+    "guards.watchdog=false",
+    "parallel.max_restarts=0",
+]
 GRPO = [
-    "train.mode=grpo", "train.steps=6", "train.lr=1e-3", "train.warmup_steps=0", "eval.n=0",
-    "log.tensorboard=false", "log.progress=false", "device.type=cpu", "checkpoint.interval=2", "checkpoint.keep=5",
-    "guards.watchdog=false", "guards.spike=false", "parallel.max_restarts=0", "grpo.prompts_per_step=4",
-    "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.rewards={'rl_rewards:ascii_share' = 1.0, format = 0.1}",
-]  # fmt: skip
+    "train.mode=grpo",
+    "train.steps=6",
+    "train.lr=1e-3",
+    "train.warmup_steps=0",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "device.type=cpu",
+    "checkpoint.interval=2",
+    "checkpoint.keep=5",
+    "guards.watchdog=false",
+    "guards.spike=false",
+    "parallel.max_restarts=0",
+    "grpo.prompts_per_step=4",
+    "grpo.group_size=4",
+    "grpo.max_new_tokens=12",
+    "grpo.rewards={'rl_rewards:ascii_share' = 1.0, format = 0.1}",
+]
 
 
 # -- advantages, KL, losses by hand -----------------------------------------------------
@@ -91,8 +114,9 @@ def test_clipping_and_kl_term_by_hand():
     assert loss.item() == pytest.approx(-(1.28 + 0.5) / 2)
     assert stats["clip_high"] == 0.5 and stats["clip_low"] == 0.0
     ref = torch.zeros(1, 2)
-    with_kl, stats = policy_loss(logp, old, torch.tensor([1.0]), mask, loss_type="bnpo", eps_low=0.2, eps_high=0.28,
-                                 beta=0.1, ref_logp=ref)  # fmt: skip
+    with_kl, stats = policy_loss(
+        logp, old, torch.tensor([1.0]), mask, loss_type="bnpo", eps_low=0.2, eps_high=0.28, beta=0.1, ref_logp=ref
+    )
     kl = k3_kl(logp, ref).mean().item()
     assert with_kl.item() == pytest.approx(loss.item() + 0.1 * kl)
     assert stats["kl"] == pytest.approx(kl)
@@ -155,8 +179,11 @@ def test_format_and_overlong_rewards():
 def test_user_reward_by_dotted_path_and_clear_errors():
     assert load_function("rl_rewards:ascii_share")(completions=["ab1"], lengths=[3]) == [2 / 3]
     assert load_function("rl_rewards.ascii_share") is load_function("rl_rewards:ascii_share")
-    for path, msg in [("no_such_module:f", "cannot import"), ("rl_rewards:nope", "no attribute"),
-                      ("rl_rewards:not_callable", "not callable")]:  # fmt: skip
+    for path, msg in [
+        ("no_such_module:f", "cannot import"),
+        ("rl_rewards:nope", "no attribute"),
+        ("rl_rewards:not_callable", "not callable"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             load_function(path)
     with pytest.raises(ConfigError, match="grpo.rewards"):
@@ -195,8 +222,21 @@ def test_grpo_run_logs_what_train_logs_and_raises_the_reward(sft_run, tmp_path):
     state = grpo(tmp_path / "g", sft_run, "train.steps=24", "train.lr=3e-3", "grpo.beta=0.01")
     metrics = read_jsonl(tmp_path / "g" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 25))
-    for key in ("loss", "reward", "reward/rl_rewards:ascii_share", "reward/format", "accuracy", "kl",
-                "clip_fraction", "response_length", "entropy", "grad_norm", "lr", "tokens_per_s", "mfu"):  # fmt: skip
+    for key in (
+        "loss",
+        "reward",
+        "reward/rl_rewards:ascii_share",
+        "reward/format",
+        "accuracy",
+        "kl",
+        "clip_fraction",
+        "response_length",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+    ):
         assert all(key in m for m in metrics), key
     first = sum(m["reward/rl_rewards:ascii_share"] for m in metrics[:6]) / 6
     last = sum(m["reward/rl_rewards:ascii_share"] for m in metrics[-6:]) / 6
@@ -221,15 +261,23 @@ def test_dynamic_sampling_drops_all_equal_groups(sft_run, tmp_path):
 
         hooks = Hooks()
         hooks.add("after_backward", look)
-        grpo(run, sft_run, "train.steps=4", "checkpoint.interval=0",
-             "grpo.rewards={'rl_rewards:constant_on_plus' = 1.0}", *sets, hooks=hooks)  # fmt: skip
+        grpo(
+            run,
+            sft_run,
+            "train.steps=4",
+            "checkpoint.interval=0",
+            "grpo.rewards={'rl_rewards:constant_on_plus' = 1.0}",
+            *sets,
+            hooks=hooks,
+        )
         return seen, read_jsonl(run / "metrics.jsonl")
 
     data_opts = 'data.task_options={basic_arithmetic = {operators = ["+", "-"]}}'
     plain, _ = groups_with_signal(tmp_path / "plain", data_opts)
     assert not all(plain)  # without dynamic sampling, '+' prompts give all-equal groups
-    dynamic, metrics = groups_with_signal(tmp_path / "dyn", data_opts, "grpo.dynamic_sampling=true",
-                                          "grpo.max_sampling_rounds=20")  # fmt: skip
+    dynamic, metrics = groups_with_signal(
+        tmp_path / "dyn", data_opts, "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=20"
+    )
     assert len(dynamic) == len(plain) and all(dynamic)  # dropped and refilled to full size
     assert sum(m["groups_dropped"] for m in metrics) > 0
     assert all(m["groups_short"] == 0 for m in metrics)
@@ -245,8 +293,15 @@ def cli(run_dir: Path, init: Path, *sets: str, timeout: float = 300) -> subproce
 def test_grpo_killed_and_resumed_ends_bit_identical(sft_run, tmp_path):
     ref = tmp_path / "ref"
     grpo(ref, sft_run, "train.steps=8", "grpo.iterations=2", "checkpoint.interval=4")
-    r = cli(tmp_path / "kill", sft_run, "train.steps=8", "grpo.iterations=2", "checkpoint.interval=4",
-            "parallel.max_restarts=2", "chaos.at=kill@6")  # fmt: skip
+    r = cli(
+        tmp_path / "kill",
+        sft_run,
+        "train.steps=8",
+        "grpo.iterations=2",
+        "checkpoint.interval=4",
+        "parallel.max_restarts=2",
+        "chaos.at=kill@6",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     events = read_jsonl(tmp_path / "kill" / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "checkpoint_load"] == [4]
@@ -257,8 +312,9 @@ def test_grpo_killed_and_resumed_ends_bit_identical(sft_run, tmp_path):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_process_grpo(sft_run, tmp_path, strategy):
     run = tmp_path / strategy
-    r = cli(run, sft_run, "parallel.nproc=2", f"parallel.strategy={strategy}", "train.steps=4",
-            "grpo.ref_reset_interval=2")  # fmt: skip
+    r = cli(
+        run, sft_run, "parallel.nproc=2", f"parallel.strategy={strategy}", "train.steps=4", "grpo.ref_reset_interval=2"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     events = read_jsonl(run / "events.jsonl")
     start = next(e for e in events if e["event"] == "run_start")

@@ -51,8 +51,22 @@ def make_batch(seed=0):
     return logp, old, ref, mask, adv
 
 
-def trl_loss(logp, old, adv, mask, *, loss_type, beta=0.0, ref=None, level="token", max_len=None,
-             eps_low=EPS_LOW, eps_high=EPS_HIGH, num_items=None, accumulation=1):  # fmt: skip
+def trl_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    *,
+    loss_type,
+    beta=0.0,
+    ref=None,
+    level="token",
+    max_len=None,
+    eps_low=EPS_LOW,
+    eps_high=EPS_HIGH,
+    num_items=None,
+    accumulation=1,
+):
     """TRL's loss (and its logged metrics) with the given per-token log-probs in place of a model's."""
     logp = logp.detach().clone().requires_grad_(True)
     b, t = logp.shape
@@ -143,8 +157,16 @@ def test_micro_batches_with_global_counts_match_trl_accumulation(loss_type):
     total_tokens = int(mask.sum())
     shares = []
     for rows in (slice(0, 3), slice(3, 6)):
-        t_loss, _, _ = trl_loss(logp[rows], old[rows], adv[rows], mask[rows], loss_type=loss_type, max_len=T,
-                                num_items=total_tokens, accumulation=2)  # fmt: skip
+        t_loss, _, _ = trl_loss(
+            logp[rows],
+            old[rows],
+            adv[rows],
+            mask[rows],
+            loss_type=loss_type,
+            max_len=T,
+            num_items=total_tokens,
+            accumulation=2,
+        )
         token_loss, _ = per_token_loss(logp[rows], old[rows], adv[rows], mask[rows], eps_low=EPS_LOW, eps_high=EPS_HIGH)
         share = normalise(token_loss, mask[rows], loss_type, sequences=B, tokens=total_tokens)
         assert abs(share.item() - t_loss.item()) < TOL

@@ -20,10 +20,18 @@ from anychip.errors import CheckpointError
 from anychip.train.loop import train
 
 RUN = [
-    "model.preset=debug", "train.steps=2", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=1",
-    "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu", "checkpoint.interval=2",
+    "model.preset=debug",
+    "train.steps=2",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=1",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=2",
     "parallel.max_restarts=0",
-]  # fmt: skip
+]
 
 
 class TouchOnUnpickle:
@@ -139,6 +147,8 @@ def test_a_step_set_aside_as_corrupt_again_gets_a_numbered_name(tmp_path):
         (root / "step_00000008").mkdir(parents=True)
         assert checkpointer.load_latest() is None
     assert sorted(p.name for p in root.iterdir()) == [
-        "corrupt_step_00000008", "corrupt_step_00000008_1", "corrupt_step_00000008_2",
-    ]  # fmt: skip
+        "corrupt_step_00000008",
+        "corrupt_step_00000008_1",
+        "corrupt_step_00000008_2",
+    ]
     assert committed(root) == [] and events == ["checkpoint_corrupt"] * 3

@@ -141,10 +141,10 @@ def long_run(tmp_path):
     """A finished run of 20000 steps with 2000 expert records (14 MoE layers x 32 experts)."""
     run = tmp_path / "long"
     run.mkdir()
-    write_lines(run / "events.jsonl", [{"time": 0.0, "event": "run_start"},
-                                       {"time": 2000.0, "event": "run_end", "status": "ok"}])  # fmt: skip
-    write_lines(run / "metrics.jsonl", [{"step": s, "time": s / 10, "step_time": 0.1, "loss": 1.0}
-                                        for s in range(1, 20001)])  # fmt: skip
+    events = [{"time": 0.0, "event": "run_start"}, {"time": 2000.0, "event": "run_end", "status": "ok"}]
+    write_lines(run / "events.jsonl", events)
+    metrics = [{"step": s, "time": s / 10, "step_time": 0.1, "loss": 1.0} for s in range(1, 20001)]
+    write_lines(run / "metrics.jsonl", metrics)
     layers = [f"layers.{i}" for i in range(1, 15)]
     with open(run / "experts.jsonl", "w") as f:
         for r in range(1, 2001):

@@ -21,10 +21,19 @@ from anychip.models.hf import remove_save_leftovers
 from anychip.train.loop import train
 
 RUN = [
-    "model.preset=debug", "train.steps=2", "train.global_batch=2", "train.seq_len=16", "train.warmup_steps=1",
-    "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu", "checkpoint.interval=1",
-    "checkpoint.keep=3", "parallel.max_restarts=0",
-]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=2",
+    "train.global_batch=2",
+    "train.seq_len=16",
+    "train.warmup_steps=1",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=1",
+    "checkpoint.keep=3",
+    "parallel.max_restarts=0",
+]
 
 
 @pytest.fixture(scope="module")

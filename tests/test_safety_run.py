@@ -23,10 +23,19 @@ from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl as lines
 
 RUN = [
-    "model.preset=debug", "train.steps=16", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
-    "train.lr=3e-3", "train.mode=pretrain", "eval.n=0", "log.tensorboard=false", "device.type=cpu",
-    "checkpoint.interval=4", "eval.interval=0",
-]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=16",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "checkpoint.interval=4",
+    "eval.interval=0",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -106,11 +115,9 @@ def test_two_jobs_started_together_on_one_directory_one_runs_the_other_is_refuse
 
 def test_a_lock_left_by_a_dead_job_is_no_obstacle(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from anychip.rundir import RunLock; RunLock({str(run)!r}).acquire(); "
-         "print('held', flush=True); import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    code = f"from anychip.rundir import RunLock; RunLock({str(run)!r}).acquire(); "
+    code += "print('held', flush=True); import time; time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RunLocked, match=f"pid {holder.pid} on "):
         RunLock(run).acquire()
@@ -288,8 +295,12 @@ def test_a_copied_run_exports_evaluates_and_reports_without_its_inputs_and_runs_
     write_manifest(committed(run / "checkpoints")[0])
     assert "shipped_reward:f" in (run / "config.toml").read_text()
     env = {**ENV, "PYTHONPATH": f"{evil}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
-    for args in (["export", str(run), "--out", str(tmp_path / "hf")], ["eval", str(run), "--n", "2"],
-                 ["status", str(run)], ["report", str(run)]):  # fmt: skip
+    for args in (
+        ["export", str(run), "--out", str(tmp_path / "hf")],
+        ["eval", str(run), "--n", "2"],
+        ["status", str(run)],
+        ["report", str(run)],
+    ):
         r = subprocess.run([sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, env=env)
         assert r.returncode == 0, (args, r.stderr[-2000:])
     assert not touched.exists()

@@ -11,15 +11,28 @@ import pytest
 import torch
 
 from anychip.config import load_config
-from anychip.train.loop import Hooks, build_source, train
+from anychip.train.build import build_source
+from anychip.train.hooks import Hooks
+from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl
 
 # a fast run: debug-sized model, byte tokenizer, arithmetic, pretraining on every token
 FAST = [
-    "model.preset=debug", "train.steps=6", "train.global_batch=4", "train.seq_len=48", "train.warmup_steps=2",
-    "train.lr=3e-3", "train.mode=sft", "eval.n=4", "eval.max_new_tokens=12", "data.heldout_size=8",
-    "log.tensorboard=false", "device.type=cpu", "eval.interval=3", "eval.loss_batches=2",
-]  # fmt: skip
+    "model.preset=debug",
+    "train.steps=6",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.mode=sft",
+    "eval.n=4",
+    "eval.max_new_tokens=12",
+    "data.heldout_size=8",
+    "log.tensorboard=false",
+    "device.type=cpu",
+    "eval.interval=3",
+    "eval.loss_batches=2",
+]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -32,9 +45,13 @@ def events(run_dir: Path) -> list[dict]:
 
 def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "anychip.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd,
+        [sys.executable, "-m", "anychip.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +95,8 @@ def test_gradient_accumulation_equals_one_big_batch(one_process, tmp_path):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_processes_equal_one(one_process, tmp_path, strategy):
     run = tmp_path / strategy
-    r = cli("train", "--nproc", "2", "--run-dir", str(run), *[f"--set={s}" for s in FAST],
-            f"--set=parallel.strategy={strategy}")  # fmt: skip
+    sets = [f"--set={s}" for s in FAST]
+    r = cli("train", "--nproc", "2", "--run-dir", str(run), *sets, f"--set=parallel.strategy={strategy}")
     assert r.returncode == 0, r.stdout + r.stderr
     single = metrics(one_process[0])
     double = metrics(run)
@@ -100,7 +117,7 @@ def test_two_processes_equal_one(one_process, tmp_path, strategy):
 def test_heldout_loss_is_the_models_loss_on_fixed_heldout_batches(one_process, tmp_path):
     from anychip.models import load_hf
     from anychip.parallel import World
-    from anychip.train.loop import heldout_batches
+    from anychip.train.build import heldout_batches
 
     run, state = one_process
     m = metrics(run)
@@ -173,12 +190,12 @@ def test_bfloat16_autocast_trains(tmp_path):
 def test_plain_torchrun_runs_the_same_worker(one_process, tmp_path):
     """What a cluster runs: torchrun (not anychip's launcher) starting python -m anychip.launch."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "anychip.launch", "--run-dir",
-            str(tmp_path / "tr")]  # fmt: skip
+    args = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "anychip.launch"]
+    args += ["--run-dir", str(tmp_path / "tr")]
     for s in FAST:
         args += ["--set", s]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     single = [m["loss"] for m in metrics(one_process[0])]
     assert [m["loss"] for m in metrics(tmp_path / "tr")] == pytest.approx(single, rel=1e-5, abs=1e-6)

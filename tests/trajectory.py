@@ -33,10 +33,21 @@ RUNS = {
     "sft": ["train", "--set", "train.steps=60"],
     "grpo": ["grpo", "--set", "train.steps=24", "--set", "checkpoint.interval=12"],
     "ddp": [
-        "train", "--nproc", "2", "--set", "parallel.strategy=ddp", "--set", "train.steps=6",
-        "--set", "guards.audit_interval=2", "--set", "checkpoint.interval=3", "--set", "train.micro_batch=4",
+        "train",
+        "--nproc",
+        "2",
+        "--set",
+        "parallel.strategy=ddp",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "guards.audit_interval=2",
+        "--set",
+        "checkpoint.interval=3",
+        "--set",
+        "train.micro_batch=4",
     ],
-}  # fmt: skip
+}
 
 
 def cpu_key() -> str:

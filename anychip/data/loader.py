@@ -208,8 +208,15 @@ class TokenBatches:
         Raises ValueError naming the key for a missing or ill-typed entry, an unknown state
         version, or a mode or tokenizer vocabulary size different from this loader's.
         """
-        expected = {"version": int, "mode": str, "vocab_size": int, "cursor": int, "carry_tokens": list,
-                    "carry_trained": list, "stats": dict}  # fmt: skip
+        expected = {
+            "version": int,
+            "mode": str,
+            "vocab_size": int,
+            "cursor": int,
+            "carry_tokens": list,
+            "carry_trained": list,
+            "stats": dict,
+        }
         for key, kind in expected.items():
             if key not in state:
                 raise ValueError(f"loader state: missing key {key!r} (keys present: {sorted(state)})")

@@ -39,6 +39,7 @@ ASCEND_CUBE_SOURCE = (
     "add the vector units. FP16 taken equal to BF16 on the cube; no dense FP32 figure is published"
 )
 
+# Not formatted (marker at the end): one table row per chip instead of eight lines per row.
 PEAKS: tuple[ChipPeak, ...] = (
     # -- NVIDIA Hopper. Names: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL".
     ChipPeak(r"\bH100 NVL\b", "H100 NVL", 835.5 * T, 835.5 * T, 60 * T,

@@ -1,4 +1,4 @@
-"""Guards: reliability checks that plug into the training loop's hook points.
+"""Guards: reliability checks around every training step.
 
     nonfinite   NaN/Inf loss or gradients: skip the update, retry, skip the batch, roll back
     spike       loss / gradient-norm spikes (median + MAD): roll back, skip the data window
@@ -6,15 +6,8 @@
     straggler   per-rank lateness at the step's agreement point, flagged every K steps
     sdc         silent data corruption: replica fingerprints and recompute audits
 
-Every guard judges a step at ``before_update`` (before the optimizer changes any
-weight) by appending a Verdict to ``state.verdicts``; the loop agrees on the strongest
-verdict over all ranks and acts on it (``anychip.train.loop``). This package's
-``__init__`` stays free of torch so that the watchdog process starts fast.
+Each guard (``base.Guard``) judges the step in progress before the optimizer changes any
+weight and returns a Verdict; ``setup.Guards.judge`` agrees on the strongest one over all
+ranks and the loop carries it out (``anychip.train.verdicts``). This package's
+``__init__`` imports nothing, so that the watchdog process starts fast (no torch).
 """
-
-
-def install(state, hooks) -> None:
-    """Register the guards ``state.cfg.guards`` enables."""
-    from .setup import install as _install
-
-    _install(state, hooks)

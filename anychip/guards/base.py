@@ -1,4 +1,9 @@
-"""What a guard says about a step, and how all ranks agree on it."""
+"""What a guard is, what it says about a step, and how all ranks agree on it.
+
+A guard judges the step in progress before the optimizer changes any weight and
+*returns* a Verdict (or None: no objection); ``agree`` takes the strongest verdict over
+all ranks and the loop carries it out (``anychip.train.verdicts``). Guards never change
+the training state themselves."""
 
 from __future__ import annotations
 
@@ -29,6 +34,35 @@ class Verdict:
     skip_data: bool = False  # ROLLBACK: also skip the batches between the checkpoint and this step
     event: str = ""  # the event the agreed rank records (e.g. "spike"), with ``detail`` as its fields
     detail: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # figures for this step's metrics (e.g. straggler_ratio)
+
+
+@dataclass
+class StepView:
+    """The step in progress as guards see it: after the backward pass and clipping, before the update."""
+
+    step: int
+    figures: dict  # the objective's figures (``loss`` first)
+    grad_norm: float
+    batch: dict
+
+
+class Guard:
+    """One reliability check. ``judge`` is asked about every step; the other methods let it
+    follow the run (each optional)."""
+
+    def judge(self, view: StepView) -> Verdict | None:
+        """Its verdict on the step in progress; None: no objection."""
+        return None
+
+    def started(self, step: int) -> None:
+        """The run starts (or resumes) after ``step``."""
+
+    def completed(self, view: StepView, metrics: dict, agreement: Agreement | None) -> None:
+        """Step ``view.step`` was applied; ``metrics`` is what was logged of it."""
+
+    def rolled_back(self, step: int) -> None:
+        """The run went back to the checkpoint of ``step``."""
 
 
 class RollbackBudget:
@@ -61,13 +95,14 @@ class Agreement:
     winner: int  # the rank whose verdict was agreed on (it records the event)
     lateness: list[float]  # per rank: seconds after the first rank that it reached the agreement
     stop_requested: bool = False  # some rank was asked to stop (a preemption signal)
+    metrics: dict = field(default_factory=dict)  # this rank's guards' figures for the step
 
 
 def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agreement:
     """The strongest verdict over all ranks (with its rollback target), each rank's
     arrival time and whether any rank was asked to stop: one all-gather of five numbers
     per rank per step."""
-    mine = max(verdicts, key=lambda v: v.action, default=None)
+    mine = max((v for v in verdicts if v.action != Action.GO), key=lambda v: v.action, default=None)
     row = [
         float(mine.action) if mine else 0.0,
         time.time(),
@@ -94,4 +129,5 @@ def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agree
         winner=winner,
         lateness=(arrivals - arrivals.min()).tolist(),
         stop_requested=bool(table[:, 4].max().item()),
+        metrics={k: v for verdict in verdicts for k, v in verdict.metrics.items()},
     )

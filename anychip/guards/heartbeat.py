@@ -26,16 +26,16 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoint import checkpoint_due
-from ..eval import loss_due
 from .watchdog import WATCHED_BY_LAUNCHER, process_start
 
 
 class Heartbeat:
-    def __init__(self, run_dir: Path, rank: int, guards_cfg, cfg):
-        self.cfg, self.run_cfg = guards_cfg, cfg
+    def __init__(self, run_dir: Path, rank: int, guards_cfg, long_step: Callable[[int], bool]):
+        self.cfg = guards_cfg
+        self.long_step = long_step  # steps that end with a checkpoint or a held-out loss
         self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stacks = Path(run_dir) / "stacks" / f"rank{rank}-{os.getpid()}.txt"
@@ -49,11 +49,9 @@ class Heartbeat:
         self.process = None
         if os.environ.get(WATCHED_BY_LAUNCHER):
             return
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(self.path), "--pid",
-             str(os.getpid()), "--run-dir", str(run_dir), "--rank", str(rank), "--stacks", str(stacks)],
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        argv = [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(self.path)]
+        argv += ["--pid", str(os.getpid()), "--run-dir", str(run_dir), "--rank", str(rank), "--stacks", str(stacks)]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
     def unwatched(self, phase: str) -> None:
         """From here on, no deadline (e.g. the final export and evaluation, of any length)."""
@@ -61,13 +59,21 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str, timeout_s: float | None) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "phase": phase, "time": time.time(), "mono": time.monotonic(),
-                                   "timeout_s": timeout_s, "pid": os.getpid(), "start": self._start}))  # fmt: skip
+        record = {
+            "step": step,
+            "phase": phase,
+            "time": time.time(),
+            "mono": time.monotonic(),
+            "timeout_s": timeout_s,
+            "pid": os.getpid(),
+            "start": self._start,
+        }
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, self.path)
 
     def _step_timeout(self, next_step: int) -> float:
         # no step timing yet, a save or a held-out loss (the finish is unwatched)
-        if len(self.step_times) < 3 or checkpoint_due(self.run_cfg, next_step) or loss_due(self.run_cfg, next_step):
+        if len(self.step_times) < 3 or self.long_step(next_step):
             return self.cfg.watchdog_startup_s
         return self.cfg.watchdog_factor * statistics.median(self.step_times) + self.cfg.watchdog_grace_s
 

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import math
 
-from .base import Action, RollbackBudget, Verdict
+from .base import Action, Guard, RollbackBudget, StepView, Verdict
 
 
-class NonFinite:
+class NonFinite(Guard):
     def __init__(self, cfg):
         self.max_in_row = cfg.nonfinite_max
         self.retried: int | None = None  # step already retried once
         self.in_row = 0
         self.budget = RollbackBudget(cfg.max_rollbacks)
 
-    def before_update(self, state) -> None:
-        loss, norm = state.losses["loss"], state.grad_norm
+    def judge(self, view: StepView) -> Verdict | None:
+        loss, norm = view.figures["loss"], view.grad_norm
         if math.isfinite(loss) and math.isfinite(norm):
-            return
-        step = state.step
+            return None
+        step = view.step
         if self.retried != step:
             self.retried, action = step, Action.RETRY
         else:
@@ -35,13 +35,13 @@ class NonFinite:
         reason = f"non-finite loss {loss} / gradient norm {norm}"
         if action == Action.STOP:
             reason += f" after {self.budget.max} rollbacks"
-        state.verdicts.append(Verdict(action, "nonfinite", reason, before=step, event="nonfinite",
-                                      detail={"loss": str(loss), "grad_norm": str(norm)}))  # fmt: skip
+        detail = {"loss": str(loss), "grad_norm": str(norm)}
+        return Verdict(action, "nonfinite", reason, before=step, event="nonfinite", detail=detail)
 
-    def after_step(self, state) -> None:
+    def completed(self, view: StepView, metrics: dict, agreement) -> None:
         self.retried = None
         self.in_row = 0
-        self.budget.progress(state.step)
+        self.budget.progress(view.step)
 
-    def after_rollback(self, state) -> None:
+    def rolled_back(self, step: int) -> None:
         self.retried = None

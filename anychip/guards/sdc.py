@@ -6,9 +6,9 @@ patterns: any flipped bit changes it); the fingerprints are all-gathered and a r
 that differs from the majority is named and the run rolls back. A checkpoint is
 therefore only written from weights that all replicas agree on.
 
-RecomputeAudit: every ``audit_interval`` steps one slice of the step's batch
-(``audit_rows`` sequences) is computed twice on each rank, locally, and the loss and
-gradient fingerprints compared: bit-equal on deterministic devices (CPU), within
+RecomputeAudit: every ``audit_interval`` steps the step's own objective on one slice of
+its batch (``audit_rows`` sequences) is computed twice on each rank, locally, and the loss
+and gradient fingerprints compared: bit-equal on deterministic devices (CPU), within
 ``audit_tolerance`` elsewhere. A mismatch rolls back; a rank that fails
 ``audit_max_failures`` audits is reported as faulty hardware and the run stops.
 """
@@ -16,13 +16,14 @@ gradient fingerprints compared: bit-equal on deterministic devices (CPU), within
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import checkpoint_due
 from ..parallel import unwrap
-from .base import Action, RollbackBudget, Verdict
+from ..train.step import Forward, Objective, rows
+from .base import Action, Guard, RollbackBudget, StepView, Verdict
 
 
 @torch.no_grad()
@@ -48,57 +49,55 @@ def odd_ones_out(prints: list[int]) -> tuple[list[int], bool]:
     return list(range(len(prints))), False
 
 
-class ReplicaCheck:
-    def __init__(self, cfg):
+class ReplicaCheck(Guard):
+    def __init__(self, cfg, model, world, checkpoint_due: Callable[[int], bool]):
         self.interval = cfg.replica_check_interval
         self.budget = RollbackBudget(cfg.max_rollbacks)
+        self.model, self.world, self.checkpoint_due = model, world, checkpoint_due
 
-    def before_update(self, state) -> None:
-        step = state.step
-        if step % self.interval and not checkpoint_due(state.cfg, step):
-            return
-        mine = torch.tensor([fingerprint(state.model.parameters())], dtype=torch.int64)
-        everyone = [torch.zeros_like(mine) for _ in range(state.world.world_size)]
+    def judge(self, view: StepView) -> Verdict | None:
+        step = view.step
+        if step % self.interval and not self.checkpoint_due(step):
+            return None
+        mine = torch.tensor([fingerprint(self.model.parameters())], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world.world_size)]
         dist.all_gather(everyone, mine)
         prints = [int(t.item()) for t in everyone]
         if len(set(prints)) == 1:
-            return
+            return None
         suspects, majority = odd_ones_out(prints)
         action = self.budget.spend(step)
         who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
-        state.verdicts.append(Verdict(action, "replica_check", f"parameters differ between replicas: {who}",
-                                      event="replica_mismatch", detail={"ranks": suspects, "majority": majority,
-                                      "fingerprints": [str(f) for f in prints]}))  # fmt: skip
+        detail = {"ranks": suspects, "majority": majority, "fingerprints": [str(f) for f in prints]}
+        reason = f"parameters differ between replicas: {who}"
+        return Verdict(action, "replica_check", reason, event="replica_mismatch", detail=detail)
 
-    def after_step(self, state) -> None:
-        self.budget.progress(state.step)
+    def completed(self, view: StepView, metrics: dict, agreement) -> None:
+        self.budget.progress(view.step)
 
 
-class RecomputeAudit:
-    def __init__(self, cfg, device):
+class RecomputeAudit(Guard):
+    """The step's objective on ``audit_rows`` rows of its batch, twice, through the same
+    code path as the step (``anychip.train.step``): the loss and gradient fingerprints must agree."""
+
+    def __init__(self, cfg, model, device, amp, objective: Objective, rank: int):
         self.interval = cfg.audit_interval
         self.rows = cfg.audit_rows
         self.tolerance = cfg.audit_tolerance if cfg.audit_tolerance >= 0 else (0.0 if device.type == "cpu" else 1e-4)
         self.max_failures = cfg.audit_max_failures
         self.failures = 0
+        self.model, self.device, self.amp, self.objective, self.rank = model, device, amp, objective, rank
 
-    def _once(self, state, x, y) -> torch.Tensor:
-        model = state.model
+    def _once(self, micro: dict) -> torch.Tensor:
+        model = self.model
         core = unwrap(model)
-        sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2: gradients would be reduce-scattered
-        from ..train.loop import autocast, autocast_dtype
-
-        def objective(out):
-            total = out.lm_loss + sum(out.mtp_losses)
-            return total if out.balance_loss is None else total + out.balance_loss
-
-        with autocast(state.device, autocast_dtype(state.cfg, state.device)):
-            if sharded:
-                with torch.no_grad():
-                    loss = objective(model(x, labels=y, reduction="sum")).detach()
-                model.reshard()  # FSDP2 keeps the root gathered after a forward: the update needs the shards
-                return loss.float().view(1).cpu().double()
-            loss = objective(core(x, labels=y, reduction="sum"))
+        counts = self.objective.counts(micro)  # this slice's own: the audit compares the rank with itself
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: gradients would be reduce-scattered
+            with torch.no_grad():
+                loss = self.objective(Forward(model, self.device, self.amp), micro, counts).loss.detach()
+            model.reshard()  # FSDP2 keeps the root gathered after a forward: the update needs the shards
+            return loss.float().view(1).cpu().double()
+        loss = self.objective(Forward(core, self.device, self.amp), micro, counts).loss  # not DDP's forward
         params = [p for p in core.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         # per gradient: sum (exact comparisons), sum of |g| and of g^2 (no cancellation: relative
@@ -110,15 +109,13 @@ class RecomputeAudit:
                 parts.append(torch.stack([g.sum(), g.abs().sum(), g.square().sum()]))
         return torch.cat(parts).cpu().double()
 
-    def before_update(self, state) -> None:
-        if state.step % self.interval:
-            return
-        core = unwrap(state.model)
-        dev = core.embed_tokens.weight.device
-        x = state.batch["input_ids"][: self.rows].to(dev)
-        y = state.batch["labels"][: self.rows].to(dev)
+    def judge(self, view: StepView) -> Verdict | None:
+        if view.step % self.interval:
+            return None
+        core = unwrap(self.model)
+        micro = rows(view.batch, slice(0, self.rows), core.embed_tokens.weight.device)
         counters = [m.expert_load.clone() for m in core.moe_layers()]
-        first, second = self._once(state, x, y), self._once(state, x, y)
+        first, second = self._once(micro), self._once(micro)
         for m, c in zip(core.moe_layers(), counters):  # the audit's tokens are not the step's
             m.expert_load.copy_(c)
         # the loss and the non-negative parts (|g| and g^2 sums) are compared relatively
@@ -127,14 +124,13 @@ class RecomputeAudit:
         diff = float(((first - second).abs() / first.abs().clamp(min=1e-30))[keep].max())
         same = torch.equal(first, second) if self.tolerance == 0 else diff <= self.tolerance
         if same:
-            return
+            return None
         self.failures += 1
-        rank = state.world.rank
+        rank = self.rank
         if self.failures >= self.max_failures:
-            state.verdicts.append(Verdict(Action.STOP, "audit", f"rank {rank} failed {self.failures} recompute "
-                                          "audits: faulty hardware, replace it", event="faulty_hardware",
-                                          detail={"rank": rank, "failures": self.failures}))  # fmt: skip
-            return
-        state.verdicts.append(Verdict(Action.ROLLBACK, "audit", f"recompute audit on rank {rank} disagrees "
-                                      f"with itself (max relative difference {diff:.3g})", event="audit_mismatch",
-                                      detail={"rank": rank, "max_rel_diff": diff}))  # fmt: skip
+            reason = f"rank {rank} failed {self.failures} recompute audits: faulty hardware, replace it"
+            detail = {"rank": rank, "failures": self.failures}
+            return Verdict(Action.STOP, "audit", reason, event="faulty_hardware", detail=detail)
+        reason = f"recompute audit on rank {rank} disagrees with itself (max relative difference {diff:.3g})"
+        detail = {"rank": rank, "max_rel_diff": diff}
+        return Verdict(Action.ROLLBACK, "audit", reason, event="audit_mismatch", detail=detail)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from pathlib import Path
 
 from ..events import read_jsonl
-from .base import Action, RollbackBudget, Verdict
+from .base import Action, Guard, RollbackBudget, StepView, Verdict
 
 
 def robust_z(history, x: float) -> tuple[float, float, float]:
@@ -27,9 +28,10 @@ def robust_z(history, x: float) -> tuple[float, float, float]:
     return (x - med) / (1.4826 * mad), med, mad
 
 
-class Spike:
-    def __init__(self, cfg):
+class Spike(Guard):
+    def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
+        self.run_dir = run_dir
         self.history: deque[tuple[int, float, float]] = deque(maxlen=cfg.spike_window)  # (step, loss, grad norm)
         self.budget = RollbackBudget(cfg.max_rollbacks)
 
@@ -41,34 +43,33 @@ class Spike:
             return {"metric": name, "value": x, "median": med, "mad": mad, "z": z}
         return None
 
-    def before_update(self, state) -> None:
-        loss, norm = state.losses["loss"], state.grad_norm
+    def judge(self, view: StepView) -> Verdict | None:
+        loss, norm = view.figures["loss"], view.grad_norm
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            return  # the non-finite guard's case
+            return None  # the non-finite guard's case
         g = self.cfg
         found = self._check("loss", 1, loss, g.spike_threshold, g.spike_min_rise) or self._check(
             "grad_norm", 2, norm, g.spike_grad_threshold, g.spike_grad_min_rise
         )
         if found is None:
-            return
-        action = self.budget.spend(state.step)
+            return None
+        action = self.budget.spend(view.step)
         reason = f"{found['metric']} spike {found['value']:.4g} (median {found['median']:.4g}, z {found['z']:.1f})"
         if action == Action.STOP:
             reason += f"; {g.max_rollbacks} rollbacks did not get past it"
-        state.verdicts.append(Verdict(action, "spike", reason, before=state.step,
-                                      skip_data=True, event="spike", detail=found))  # fmt: skip
+        return Verdict(action, "spike", reason, before=view.step, skip_data=True, event="spike", detail=found)
 
-    def after_step(self, state) -> None:
-        self.history.append((state.step, state.losses["loss"], state.grad_norm))
-        self.budget.progress(state.step)
+    def completed(self, view: StepView, metrics: dict, agreement) -> None:
+        self.history.append((view.step, view.figures["loss"], view.grad_norm))
+        self.budget.progress(view.step)
 
-    def on_start(self, state) -> None:
+    def started(self, step: int) -> None:
         """A resumed run starts with the history of the steps it resumes after (metrics.jsonl)."""
-        last = {m["step"]: m for m in read_jsonl(state.run_dir / "metrics.jsonl") if m["step"] <= state.step}
-        for step in sorted(last)[-self.cfg.spike_window :]:
-            self.history.append((step, last[step]["loss"], last[step]["grad_norm"]))
+        last = {m["step"]: m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= step}
+        for done in sorted(last)[-self.cfg.spike_window :]:
+            self.history.append((done, last[done]["loss"], last[done]["grad_norm"]))
 
-    def after_rollback(self, state) -> None:
-        kept = [h for h in self.history if h[0] <= state.step]
+    def rolled_back(self, step: int) -> None:
+        kept = [h for h in self.history if h[0] <= step]
         self.history.clear()
         self.history.extend(kept)

@@ -17,40 +17,53 @@ from __future__ import annotations
 
 import statistics
 
+from .base import Action, Guard, StepView, Verdict
 
-class Straggler:
-    def __init__(self, cfg):
+
+class Straggler(Guard):
+    def __init__(self, cfg, log):
+        self.log = log
         self.interval = cfg.straggler_interval
         self.factor = cfg.straggler_factor
         self.lateness: list[list[float]] = []
         self.step_times: list[float] = []
 
-    def after_step(self, state) -> None:
-        if state.agreement is not None:
-            self.lateness.append(state.agreement.lateness)
-            self.step_times.append(state.metrics["step_time"])
+    def completed(self, view: StepView, metrics: dict, agreement) -> None:
+        if agreement is not None:
+            self.lateness.append(agreement.lateness)
+            self.step_times.append(metrics["step_time"])
 
-    def before_update(self, state) -> None:
-        """Every ``interval`` steps: judge the steps measured since the last verdict."""
-        if state.step % self.interval or len(self.lateness) < 2:
-            return
+    def judge(self, view: StepView) -> Verdict | None:
+        """Every ``interval`` steps: judge the steps measured since the last verdict (a
+        figure and events; the run goes on)."""
+        if view.step % self.interval or len(self.lateness) < 2:
+            return None
         n = len(self.lateness[0])
         late = [statistics.mean(row[r] for row in self.lateness) for r in range(n)]
         step_time = statistics.median(self.step_times)
         own = [step_time - (max(late) - x) for x in late]  # each rank's time without its waiting
         med = statistics.median(own)
         ratio = max(own) / med if med > 0 else 1.0
-        state.extra_metrics["straggler_ratio"] = ratio
-        first, last = state.step - len(self.lateness), state.step - 1
+        first, last = view.step - len(self.lateness), view.step - 1
         for r, t in enumerate(own):
             if med > 0 and t > self.factor * med:
-                state.log.event("straggler", step=state.step, rank=r, ratio=t / med, lateness_s=late[r],
-                                step_time_s=step_time, steps=[first, last])  # fmt: skip
-                state.log.print(f"[yellow]rank {r} is a straggler: {t / med:.2f}x the median rank over steps "
-                                f"{first}-{last} ({late[r] * 1e3:.0f} ms late per step)[/yellow]")  # fmt: skip
+                self.log.event(
+                    "straggler",
+                    step=view.step,
+                    rank=r,
+                    ratio=t / med,
+                    lateness_s=late[r],
+                    step_time_s=step_time,
+                    steps=[first, last],
+                )
+                self.log.print(
+                    f"[yellow]rank {r} is a straggler: {t / med:.2f}x the median rank over steps {first}-{last} "
+                    f"({late[r] * 1e3:.0f} ms late per step)[/yellow]"
+                )
         self.lateness.clear()
         self.step_times.clear()
+        return Verdict(Action.GO, "straggler", "", metrics={"straggler_ratio": ratio})
 
-    def after_rollback(self, state) -> None:
+    def rolled_back(self, step: int) -> None:
         self.lateness.clear()
         self.step_times.clear()

@@ -145,8 +145,16 @@ def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, pol
         worker.close()
 
 
-def kill_hung(worker: Worker, state: str, beat: dict | None, run_dir: Path, rank: int | None, stacks: Path | None,
-              silent: float, deadline: float) -> None:  # fmt: skip
+def kill_hung(
+    worker: Worker,
+    state: str,
+    beat: dict | None,
+    run_dir: Path,
+    rank: int | None,
+    stacks: Path | None,
+    silent: float,
+    deadline: float,
+) -> None:
     """Stacks where possible, a ``hang_detected`` event, SIGKILL."""
     dumped = False
     if state != "T" and stacks is not None and stacks.exists():  # a stopped process cannot run its handler
@@ -159,12 +167,22 @@ def kill_hung(worker: Worker, state: str, beat: dict | None, run_dir: Path, rank
         time.sleep(0.1)  # let the dump finish
     step, phase = (beat["step"], beat["phase"]) if beat is not None else (None, "spawned, no heartbeat yet")
     append_event(
-        run_dir, "hang_detected", rank=rank, pid=worker.pid, step=step, phase=phase, silent_s=silent,
-        timeout_s=deadline, process_state=state, stacks=str(stacks) if dumped else None,
-    )  # fmt: skip
-    print(f"anychip watchdog: rank {rank} (pid {worker.pid}) made no progress for {silent:.1f} s at step {step} "
-          f"({phase}; deadline {deadline:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it",
-          file=sys.stderr, flush=True)  # fmt: skip
+        run_dir,
+        "hang_detected",
+        rank=rank,
+        pid=worker.pid,
+        step=step,
+        phase=phase,
+        silent_s=silent,
+        timeout_s=deadline,
+        process_state=state,
+        stacks=str(stacks) if dumped else None,
+    )
+    message = (
+        f"anychip watchdog: rank {rank} (pid {worker.pid}) made no progress for {silent:.1f} s at step {step} "
+        f"({phase}; deadline {deadline:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it"
+    )
+    print(message, file=sys.stderr, flush=True)
     worker.signal(signal.SIGKILL)
 
 
@@ -208,8 +226,9 @@ class ChildWatcher:
     """A thread in the launcher that watches every worker the elastic agent spawns (its
     child processes running ``anychip.launch``) from the moment it appears."""
 
-    def __init__(self, run_dir: Path, startup_s: float, grace_s: float, poll: float = 0.25,
-                 marker: str = "anychip.launch"):  # fmt: skip
+    def __init__(
+        self, run_dir: Path, startup_s: float, grace_s: float, poll: float = 0.25, marker: str = "anychip.launch"
+    ):
         self.run_dir, self.startup_s, self.grace_s, self.poll, self.marker = run_dir, startup_s, grace_s, poll, marker
         self._stop = threading.Event()
         self._workers: dict[tuple[int, int | None], Worker] = {}

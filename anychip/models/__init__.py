@@ -9,10 +9,19 @@ from .deepseek import (
     count_parameters,
     preset,
     training_flops_per_token,
-)  # fmt: skip
+)
 from .hf import load_hf, read_hf_config, save_hf
 
 __all__ = [
-    "PRESETS", "DeepSeekV3", "KVCache", "ModelArgs", "YarnScaling",
-    "count_parameters", "load_hf", "preset", "read_hf_config", "save_hf", "training_flops_per_token",
-]  # fmt: skip
+    "PRESETS",
+    "DeepSeekV3",
+    "KVCache",
+    "ModelArgs",
+    "YarnScaling",
+    "count_parameters",
+    "load_hf",
+    "preset",
+    "read_hf_config",
+    "save_hf",
+    "training_flops_per_token",
+]

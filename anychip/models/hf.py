@@ -23,20 +23,49 @@ from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
 
 # config.json fields that map one to one onto ModelArgs
 _DIRECT = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "rms_norm_eps", "tie_word_embeddings",
-    "initializer_range", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-    "qk_rope_head_dim", "v_head_dim", "attention_bias", "max_position_embeddings", "rope_interleave",
-    "intermediate_size", "first_k_dense_replace", "moe_intermediate_size", "n_routed_experts",
-    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "norm_topk_prob",
-    "routed_scaling_factor", "num_nextn_predict_layers",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "attention_bias",
+    "max_position_embeddings",
+    "rope_interleave",
+    "intermediate_size",
+    "first_k_dense_replace",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "num_nextn_predict_layers",
+)
 # carried through unchanged so a round trip keeps them; they do not change the math
 _CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id")
 # describe the file or the serving setup, not the model: accepted and not used
 _METADATA = (
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "auto_map", "output_router_logits", "ep_size", "_name_or_path", "num_key_value_heads",
-)  # fmt: skip
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "auto_map",
+    "output_router_logits",
+    "ep_size",
+    "_name_or_path",
+    "num_key_value_heads",
+)
 # fields that must hold this value, because it is the only one the architecture has
 _FIXED = {
     "hidden_act": "silu",
@@ -47,9 +76,17 @@ _FIXED = {
     "attention_dropout": 0.0,
 }
 _YARN_KEYS = {
-    "rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
-    "beta_slow", "mscale", "mscale_all_dim", "truncate",
-}  # fmt: skip
+    "rope_type",
+    "type",
+    "rope_theta",
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+}
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:

@@ -30,9 +30,13 @@ _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_ten
 
 
 def run_collectives(
-    target: Device, reference: Device, numel: int, dtypes: tuple[torch.dtype, ...], seed: int = 0,
+    target: Device,
+    reference: Device,
+    numel: int,
+    dtypes: tuple[torch.dtype, ...],
+    seed: int = 0,
     time_budget_s: float = 0.2,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """One row per (collective, dtype) on this rank; the process group must hold both devices' backends."""
     rank, world = dist.get_rank(), dist.get_world_size()
     numel -= numel % world
@@ -57,12 +61,22 @@ def run_collectives(
             ratio = error_ratio(t_err.rel_rms, r_err.rel_rms, dtype)
             status, reason = judge(t_err, ratio, dtype)
             size = (numel * world if name == "all_gather" else numel) * inputs[rank].element_size()
-            rows.append({
-                "op": name, "dtype": DTYPE_NAMES[dtype], "what": f"{numel} elements per rank, {world} ranks",
-                "status": status, "reason": reason, "target": asdict(t_err), "reference": asdict(r_err),
-                "error_ratio": ratio, "expert_agreement": None, "unit": "B", "work": float(size),
-                "target_speed": _bus(name, size, t_time, world), "reference_speed": _bus(name, size, r_time, world),
-            })  # fmt: skip
+            row = {
+                "op": name,
+                "dtype": DTYPE_NAMES[dtype],
+                "what": f"{numel} elements per rank, {world} ranks",
+                "status": status,
+                "reason": reason,
+                "target": asdict(t_err),
+                "reference": asdict(r_err),
+                "error_ratio": ratio,
+                "expert_agreement": None,
+                "unit": "B",
+                "work": float(size),
+                "target_speed": _bus(name, size, t_time, world),
+                "reference_speed": _bus(name, size, r_time, world),
+            }
+            rows.append(row)
     return rows
 
 

@@ -18,15 +18,24 @@ from torch.overrides import TorchFunctionMode
 
 # The functions each injectable operation covers.
 OPS: dict[str, tuple[Callable, ...]] = {
-    "matmul": (torch.matmul, torch.mm, torch.bmm, F.linear, torch.Tensor.matmul, torch.Tensor.__matmul__,
-               torch.Tensor.mm, torch.Tensor.bmm, torch.einsum),
+    "matmul": (
+        torch.matmul,
+        torch.mm,
+        torch.bmm,
+        F.linear,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.Tensor.mm,
+        torch.Tensor.bmm,
+        torch.einsum,
+    ),
     "softmax": (torch.softmax, F.softmax, torch.Tensor.softmax),
     "sigmoid": (torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid),
     "silu": (F.silu,),
     "rms_norm": (F.rms_norm,),
     "sdpa": (F.scaled_dot_product_attention,),
     "cross_entropy": (F.cross_entropy,),
-}  # fmt: skip
+}
 
 
 class _Perturb(TorchFunctionMode):

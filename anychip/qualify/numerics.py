@@ -61,11 +61,14 @@ def errors(got: torch.Tensor | tuple[torch.Tensor, ...], truth: torch.Tensor | t
     if isinstance(got, tuple | list):
         parts = [errors(g, t) for g, t in zip(got, truth, strict=True)]
         return Errors(
-            rel_rms=max(p.rel_rms for p in parts), max_abs=max(p.max_abs for p in parts),
-            max_rel=max(p.max_rel for p in parts), cosine=min(p.cosine for p in parts),
-            within_0_1pct=min(p.within_0_1pct for p in parts), within_0_5pct=min(p.within_0_5pct for p in parts),
+            rel_rms=max(p.rel_rms for p in parts),
+            max_abs=max(p.max_abs for p in parts),
+            max_rel=max(p.max_rel for p in parts),
+            cosine=min(p.cosine for p in parts),
+            within_0_1pct=min(p.within_0_1pct for p in parts),
+            within_0_5pct=min(p.within_0_5pct for p in parts),
             finite=all(p.finite for p in parts),
-        )  # fmt: skip
+        )
     y = got.detach().to("cpu", torch.float64).flatten()
     t = truth.detach().to("cpu", torch.float64).flatten()
     if y.shape != t.shape:

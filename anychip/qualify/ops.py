@@ -164,8 +164,10 @@ def _cross_entropy(logits, targets):
 def _adamw_inputs(a: ModelArgs, s: Shape, g):
     shape = (2 * a.intermediate_size, a.hidden_size)
     grad = _randn(g, *shape, std=1e-2)
-    return [_randn(g, *shape, std=0.02), grad, grad * 0.5 + _randn(g, *shape, std=1e-3),
-            grad**2 * 0.8 + _randn(g, *shape, std=1e-5) ** 2]  # fmt: skip
+    param = _randn(g, *shape, std=0.02)
+    exp_avg = grad * 0.5 + _randn(g, *shape, std=1e-3)
+    exp_avg_sq = grad**2 * 0.8 + _randn(g, *shape, std=1e-5) ** 2
+    return [param, grad, exp_avg, exp_avg_sq]
 
 
 def _adamw(fused: bool | None):
@@ -187,39 +189,98 @@ def cases(args: ModelArgs, fused_adamw: bool = False) -> list[OpCase]:
     mla_scale = _mla_softmax_scale(a)
     elem = _size
     return [
-        OpCase("matmul", f"x[T,{a.hidden_size}] @ W^T, W[{2 * a.intermediate_size},{a.hidden_size}] (dense FFN gate/up)",
-               (FP32, BF16, FP16), _matmul_inputs, F.linear,
-               lambda a, s, dt: 2 * s.tokens * a.hidden_size * 2 * a.intermediate_size),
-        OpCase("softmax", f"over the last dim of [B,{a.num_attention_heads},L,L] attention scores", (FP32, BF16),
-               _softmax_inputs, lambda x: (torch.softmax(x, dim=-1),),
-               lambda a, s, dt: 2 * s.batch * a.num_attention_heads * s.seq**2 * elem(dt), "B"),
-        OpCase("rms_norm", f"the model's RMSNorm on [T,{a.hidden_size}]", (FP32, BF16), _rmsnorm_inputs,
-               lambda x, w: _rms_norm(x, w, a.rms_norm_eps),
-               lambda a, s, dt: 2 * s.tokens * a.hidden_size * elem(dt), "B"),
-        OpCase("rope", f"apply_rope on [B,{a.num_attention_heads},L,{a.qk_rope_head_dim}] queries", (FP32, BF16),
-               _rope_inputs, lambda x, cos, sin: (apply_rope(x, cos, sin, a.rope_interleave),),
-               lambda a, s, dt: 2 * s.tokens * a.num_attention_heads * a.qk_rope_head_dim * elem(dt), "B"),
-        OpCase("sdpa", f"causal scaled_dot_product_attention, forward + backward, head dim {a.qk_head_dim}",
-               (FP32, BF16), _sdpa_inputs, lambda q, k, v, do: _sdpa(q, k, v, do, mla_scale), _sdpa_flops),
-        OpCase("swiglu", f"the model's SwiGLU FFN, {a.hidden_size} -> {a.intermediate_size} -> {a.hidden_size}",
-               (FP32, BF16), _swiglu_inputs, _swiglu,
-               lambda a, s, dt: 6 * s.tokens * a.hidden_size * a.intermediate_size),
-        OpCase("moe_router", f"the model's Gate: sigmoid scores, top-{a.num_experts_per_tok} of "
-               f"{a.n_routed_experts} experts in the best {a.topk_group} of {a.n_group} groups",
-               (FP32, BF16), _router_inputs, _router(a),
-               lambda a, s, dt: 2 * s.tokens * a.hidden_size * a.n_routed_experts, keep_fp32=(2,), routing=True),
-        OpCase("moe_experts", "the model's RoutedExperts: token dispatch (sort by expert), grouped SwiGLU "
-               "GEMMs, weighted combine", (FP32, BF16), _experts_inputs, _experts(a),
-               lambda a, s, dt: 6 * s.tokens * a.num_experts_per_tok * a.hidden_size * a.moe_intermediate_size,
-               keep_fp32=(4,)),
-        OpCase("cross_entropy", f"loss and its gradient over [T,{a.vocab_size}] logits (float32 loss, as the model)",
-               (FP32, BF16), _ce_inputs, _cross_entropy,
-               lambda a, s, dt: s.tokens * a.vocab_size * (2 * elem(dt) + 4), "B"),
-        OpCase("adamw_step", f"one AdamW update of a [{2 * a.intermediate_size},{a.hidden_size}] float32 "
-               f"parameter ({'fused' if fused_adamw else 'foreach'}, as training on this device)",
-               (FP32,), _adamw_inputs, _adamw(fused_adamw or None),
-               lambda a, s, dt: 7 * 4 * 2 * a.intermediate_size * a.hidden_size, "B", delta=True),
-    ]  # fmt: skip
+        OpCase(
+            "matmul",
+            f"x[T,{a.hidden_size}] @ W^T, W[{2 * a.intermediate_size},{a.hidden_size}] (dense FFN gate/up)",
+            (FP32, BF16, FP16),
+            _matmul_inputs,
+            F.linear,
+            lambda a, s, dt: 2 * s.tokens * a.hidden_size * 2 * a.intermediate_size,
+        ),
+        OpCase(
+            "softmax",
+            f"over the last dim of [B,{a.num_attention_heads},L,L] attention scores",
+            (FP32, BF16),
+            _softmax_inputs,
+            lambda x: (torch.softmax(x, dim=-1),),
+            lambda a, s, dt: 2 * s.batch * a.num_attention_heads * s.seq**2 * elem(dt),
+            "B",
+        ),
+        OpCase(
+            "rms_norm",
+            f"the model's RMSNorm on [T,{a.hidden_size}]",
+            (FP32, BF16),
+            _rmsnorm_inputs,
+            lambda x, w: _rms_norm(x, w, a.rms_norm_eps),
+            lambda a, s, dt: 2 * s.tokens * a.hidden_size * elem(dt),
+            "B",
+        ),
+        OpCase(
+            "rope",
+            f"apply_rope on [B,{a.num_attention_heads},L,{a.qk_rope_head_dim}] queries",
+            (FP32, BF16),
+            _rope_inputs,
+            lambda x, cos, sin: (apply_rope(x, cos, sin, a.rope_interleave),),
+            lambda a, s, dt: 2 * s.tokens * a.num_attention_heads * a.qk_rope_head_dim * elem(dt),
+            "B",
+        ),
+        OpCase(
+            "sdpa",
+            f"causal scaled_dot_product_attention, forward + backward, head dim {a.qk_head_dim}",
+            (FP32, BF16),
+            _sdpa_inputs,
+            lambda q, k, v, do: _sdpa(q, k, v, do, mla_scale),
+            _sdpa_flops,
+        ),
+        OpCase(
+            "swiglu",
+            f"the model's SwiGLU FFN, {a.hidden_size} -> {a.intermediate_size} -> {a.hidden_size}",
+            (FP32, BF16),
+            _swiglu_inputs,
+            _swiglu,
+            lambda a, s, dt: 6 * s.tokens * a.hidden_size * a.intermediate_size,
+        ),
+        OpCase(
+            "moe_router",
+            f"the model's Gate: sigmoid scores, top-{a.num_experts_per_tok} of "
+            f"{a.n_routed_experts} experts in the best {a.topk_group} of {a.n_group} groups",
+            (FP32, BF16),
+            _router_inputs,
+            _router(a),
+            lambda a, s, dt: 2 * s.tokens * a.hidden_size * a.n_routed_experts,
+            keep_fp32=(2,),
+            routing=True,
+        ),
+        OpCase(
+            "moe_experts",
+            "the model's RoutedExperts: token dispatch (sort by expert), grouped SwiGLU GEMMs, weighted combine",
+            (FP32, BF16),
+            _experts_inputs,
+            _experts(a),
+            lambda a, s, dt: 6 * s.tokens * a.num_experts_per_tok * a.hidden_size * a.moe_intermediate_size,
+            keep_fp32=(4,),
+        ),
+        OpCase(
+            "cross_entropy",
+            f"loss and its gradient over [T,{a.vocab_size}] logits (float32 loss, as the model)",
+            (FP32, BF16),
+            _ce_inputs,
+            _cross_entropy,
+            lambda a, s, dt: s.tokens * a.vocab_size * (2 * elem(dt) + 4),
+            "B",
+        ),
+        OpCase(
+            "adamw_step",
+            f"one AdamW update of a [{2 * a.intermediate_size},{a.hidden_size}] float32 "
+            f"parameter ({'fused' if fused_adamw else 'foreach'}, as training on this device)",
+            (FP32,),
+            _adamw_inputs,
+            _adamw(fused_adamw or None),
+            lambda a, s, dt: 7 * 4 * 2 * a.intermediate_size * a.hidden_size,
+            "B",
+            delta=True,
+        ),
+    ]
 
 
 def _mla_softmax_scale(a: ModelArgs) -> float:

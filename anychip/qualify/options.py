@@ -13,27 +13,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="the device to qualify (the target): cuda, npu, xpu, mps, cpu or auto"
     )
-    p.add_argument("--reference", default="cpu",
-                   help="the device the target is judged against (default cpu); every result is also compared "
-                   "with float64 on the CPU")  # fmt: skip
+    p.add_argument(
+        "--reference",
+        default="cpu",
+        help="the device the target is judged against (default cpu); every result is also compared "
+        "with float64 on the CPU",
+    )
     p.add_argument("--preset", default="tiny", help="the model preset whose shapes to use (default tiny)")
-    p.add_argument("--init", type=Path, metavar="PATH",
-                   help="shapes and weights from an anychip run, checkpoint or Hugging Face directory")  # fmt: skip
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="PATH",
+        help="shapes and weights from an anychip run, checkpoint or Hugging Face directory",
+    )
     p.add_argument("--out", type=Path, help="output directory (default runs/qualify-<device>-<date-time>)")
     p.add_argument("--dtypes", default="float32,bfloat16,float16", help="op-suite dtypes, comma-separated")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per op-suite call (default 2048)")
     p.add_argument("--seq", type=int, default=512, help="sequence length of attention ops (default 512)")
     p.add_argument("--ops", default="", help="run only these ops of the suite, comma-separated")
     p.add_argument("--steps", type=int, default=3, help="training steps of step parity (0 = none; default 3)")
-    p.add_argument("--parity-dtypes", default="float32,bfloat16",
-                   help="autocast dtypes of step parity, comma-separated (default float32,bfloat16)")  # fmt: skip
+    p.add_argument(
+        "--parity-dtypes",
+        default="float32,bfloat16",
+        help="autocast dtypes of step parity, comma-separated (default float32,bfloat16)",
+    )
     p.add_argument("--parity-batch", type=int, default=4, help="sequences in the step-parity batch (default 4)")
     p.add_argument("--parity-seq", type=int, default=64, help="their length (default 64)")
     p.add_argument("--collective-numel", type=int, default=1 << 22, help="elements per rank of collectives")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inject", metavar="OP[:REL]",
-                   help="make OP wrong on the target by a relative error REL (default 1e-2), to see the checks "
-                   "catch it: matmul, softmax, sigmoid, silu, rms_norm, sdpa, cross_entropy")  # fmt: skip
+    p.add_argument(
+        "--inject",
+        metavar="OP[:REL]",
+        help="make OP wrong on the target by a relative error REL (default 1e-2), to see the checks "
+        "catch it: matmul, softmax, sigmoid, silu, rms_norm, sdpa, cross_entropy",
+    )
     p.add_argument("--nproc", type=int, default=1, help="local processes (one per device); > 1 adds collectives")
 
 
@@ -80,8 +93,24 @@ def worker_argv(a: argparse.Namespace) -> list[str]:
     return argv
 
 
-FLAGS = ("device", "reference", "preset", "init", "out", "dtypes", "tokens", "seq", "ops", "steps", "parity_dtypes",
-         "parity_batch", "parity_seq", "collective_numel", "seed", "inject")  # fmt: skip
+FLAGS = (
+    "device",
+    "reference",
+    "preset",
+    "init",
+    "out",
+    "dtypes",
+    "tokens",
+    "seq",
+    "ops",
+    "steps",
+    "parity_dtypes",
+    "parity_batch",
+    "parity_seq",
+    "collective_numel",
+    "seed",
+    "inject",
+)
 
 
 def default_out(device: str) -> Path:

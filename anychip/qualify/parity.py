@@ -26,9 +26,17 @@ from .numerics import FAIL, RATIO_LIMITS, error_ratio, errors, float64_truth, gr
 
 
 def step_parity(
-    target: Device, reference: Device, args: ModelArgs, dtype: torch.dtype, steps: int = 3, batch: int = 4,
-    seq: int = 64, fault: tuple[str, float] | None = None, seed: int = 0, weights: dict | None = None,
-) -> dict:  # fmt: skip
+    target: Device,
+    reference: Device,
+    args: ModelArgs,
+    dtype: torch.dtype,
+    steps: int = 3,
+    batch: int = 4,
+    seq: int = 64,
+    fault: tuple[str, float] | None = None,
+    seed: int = 0,
+    weights: dict | None = None,
+) -> dict:
     """Run and compare (see the module docstring); `dtype` is the autocast dtype (float32: none).
     `weights` (a state dict) replaces the seeded initialisation. `fault` is injected on the target only.
     Returns a JSON-ready dict with per-step figures, the first divergent module and a status."""
@@ -71,8 +79,8 @@ def _train(where, device: Device | None, args, weights, tokens, steps, dtype=tor
             if step == 0:
                 for h in hooks:
                     h.remove()
-            grads.append({n: p.grad.detach().to("cpu", torch.float64, copy=True) for n, p in model.named_parameters()
-                          if p.grad is not None})  # fmt: skip
+            with_grad = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+            grads.append({n: p.grad.detach().to("cpu", torch.float64, copy=True) for n, p in with_grad})
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -86,8 +94,8 @@ def _keep(name: str, store: dict):
         if name in store:
             return  # MTP reuses the rotary module: keep the first call
         parts = output if isinstance(output, tuple) else (output,)
-        floats = tuple(t.detach().to("cpu", torch.float64, copy=True) for t in parts
-                       if isinstance(t, torch.Tensor) and t.is_floating_point())  # fmt: skip
+        tensors = [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        floats = tuple(t.detach().to("cpu", torch.float64, copy=True) for t in tensors)
         if floats:
             store[name] = floats
 
@@ -108,27 +116,40 @@ def _compare(tgt: dict, ref: dict, truth: dict, dtype: torch.dtype) -> dict:
         loss_r = abs(lr - l64) / abs(l64)
         params = []
         for name, g64 in truth["grads"][k].items():
-            e_t, e_r = errors(tgt["grads"][k][name], g64), errors(ref["grads"][k][name], g64)
+            g_t, g_r = tgt["grads"][k][name], ref["grads"][k][name]
+            e_t, e_r = errors(g_t, g64), errors(g_r, g64)
             ratio = error_ratio(e_t.rel_rms, e_r.rel_rms, dtype)
-            params.append({"param": name, "target": asdict(e_t), "reference": asdict(e_r), "error_ratio": ratio,
-                           "target_norm_diff": _norm_diff(tgt["grads"][k][name], g64),
-                           "reference_norm_diff": _norm_diff(ref["grads"][k][name], g64)})  # fmt: skip
+            param = {"param": name, "target": asdict(e_t), "reference": asdict(e_r), "error_ratio": ratio}
+            param |= {"target_norm_diff": _norm_diff(g_t, g64), "reference_norm_diff": _norm_diff(g_r, g64)}
+            params.append(param)
         worst_param = max(params, key=lambda p: (p["error_ratio"], p["target"]["rel_rms"]))
         status = grade_ratio(worst_param["error_ratio"]) if math.isfinite(lt) else FAIL
         status = worst([status, grade_ratio(error_ratio(loss_t, loss_r, dtype))])
         statuses.append(status)
-        per_step.append({
-            "step": k + 1, "loss": {"target": lt, "reference": lr, "float64": l64},
-            "loss_rel_error": {"target": loss_t, "reference": loss_r},
-            "grad_cosine_min": {"target": min(p["target"]["cosine"] for p in params),
-                                "reference": min(p["reference"]["cosine"] for p in params)},
-            "worst_param": worst_param["param"], "worst_param_error_ratio": worst_param["error_ratio"],
-            "params": params, "status": status,
-        })  # fmt: skip
+        cosine_min = {
+            "target": min(p["target"]["cosine"] for p in params),
+            "reference": min(p["reference"]["cosine"] for p in params),
+        }
+        per_step.append(
+            {
+                "step": k + 1,
+                "loss": {"target": lt, "reference": lr, "float64": l64},
+                "loss_rel_error": {"target": loss_t, "reference": loss_r},
+                "grad_cosine_min": cosine_min,
+                "worst_param": worst_param["param"],
+                "worst_param_error_ratio": worst_param["error_ratio"],
+                "params": params,
+                "status": status,
+            }
+        )
     divergent = first_divergent(tgt["activations"], ref["activations"], truth["activations"], dtype)
     status = worst(statuses + ([FAIL] if divergent and divergent["status"] == FAIL else []))
-    return {"status": status, "per_step": per_step, "first_divergent": divergent,
-            "modules_compared": len(truth["activations"])}  # fmt: skip
+    return {
+        "status": status,
+        "per_step": per_step,
+        "first_divergent": divergent,
+        "modules_compared": len(truth["activations"]),
+    }
 
 
 def first_divergent(tgt: dict, ref: dict, truth: dict, dtype: torch.dtype) -> dict | None:
@@ -140,8 +161,14 @@ def first_divergent(tgt: dict, ref: dict, truth: dict, dtype: torch.dtype) -> di
         if ratio > RATIO_LIMITS[0] or not e_t.finite:
             status, _ = judge(e_t, ratio, dtype)
             layer = next((f"layers.{p}" for p in name.split(".")[1:2] if name.startswith("layers.")), None)
-            return {"module": name, "layer": layer, "target_rel_error": e_t.rel_rms,
-                    "reference_rel_error": e_r.rel_rms, "error_ratio": ratio, "status": status}  # fmt: skip
+            return {
+                "module": name,
+                "layer": layer,
+                "target_rel_error": e_t.rel_rms,
+                "reference_rel_error": e_r.rel_rms,
+                "error_ratio": ratio,
+                "status": status,
+            }
     return None
 
 

@@ -44,44 +44,67 @@ def card(r: dict) -> list[Block]:
         f": hidden {model['hidden_size']}, {model['layers']} layers, {model['experts']} routed experts, "
         f"vocabulary {model['vocab_size']}; op suite on {r['shape']['tokens']} tokens, sequences of {r['shape']['seq']}"
     )
+    verdict = (
+        f"**Verdict: {r['status'].upper()}**. Target {t['name']} ({t['type']}), reference {ref['name']} "
+        f"({ref['type']}); every result is compared with float64 on the CPU from the same rounded inputs. "
+        f"{r['date']}, torch {r['software']['torch']}, {r['software']['threads']} threads, "
+        f"world size {r['world_size']}."
+    )
     blocks: list[Block] = [
         ("h1", f"anychip qualify: {t['name']} ({t['type']})"),
-        ("p", f"**Verdict: {r['status'].upper()}**. Target {t['name']} ({t['type']}), reference {ref['name']} "
-              f"({ref['type']}); every result is compared with float64 on the CPU from the same rounded inputs. "
-              f"{r['date']}, torch {r['software']['torch']}, {r['software']['threads']} threads, "
-              f"world size {r['world_size']}."),
+        ("p", verdict),
         ("p", f"Model shapes: {shapes}."),
         ("p", f"Peaks used for % of peak ({t['peak_source']}): " + _peaks(t) + "."),
         ("p", f"Command: `{r['command']}`"),
-    ]  # fmt: skip
+    ]
     if t["type"] == ref["type"]:
-        blocks.append(("p", "The reference is the target's own device type, so the error ratios are 1 unless a "
-                            "fault is injected: this card judges the device against float64 and the limits."))  # fmt: skip
+        same_type = (
+            "The reference is the target's own device type, so the error ratios are 1 unless a "
+            "fault is injected: this card judges the device against float64 and the limits."
+        )
+        blocks.append(("p", same_type))
     if r["injected_fault"]:
         f = r["injected_fault"]
-        blocks.append(("p", f"**Injected fault:** `{f['op']}` on the target carries a relative error of "
-                            f"{f['relative_error']:g} (`--inject`), to show that the checks catch it."))  # fmt: skip
+        injected = (
+            f"**Injected fault:** `{f['op']}` on the target carries a relative error of "
+            f"{f['relative_error']:g} (`--inject`), to show that the checks catch it."
+        )
+        blocks.append(("p", injected))
     problems = _problems(r)
     blocks.append(("h2", "Findings"))
-    blocks.append(("table", ["rank", "check", "dtype", "status", "why"], problems) if problems
-                  else ("p", "Every check passed."))  # fmt: skip
+    if problems:
+        blocks.append(("table", ["rank", "check", "dtype", "status", "why"], problems))
+    else:
+        blocks.append(("p", "Every check passed."))
     if r["world_size"] > 1:
-        blocks += [("h2", "Ranks"), ("table", ["rank", "device", "status"],
-                   [[k["rank"], k["device"]["name"], rank_status(k)] for k in r["ranks"]])]  # fmt: skip
-    blocks += [("h2", "Numerics" + (" (rank 0)" if r["world_size"] > 1 else "")),
-               ("p", "Relative error = ||y - y*|| / ||y*|| against float64 (the judged figure); ratio = target error "
-                     "/ reference error; cosine, max abs, max rel and the share of elements within 0.1% / 0.5% "
-                     "are the target's."),
-               ("table", ["op", "dtype", "status", "target rel. error", "reference rel. error", "ratio", "cosine",
-                          "max abs", "max rel", "within 0.1%", "within 0.5%"],
-                [_numerics_row(x) for x in first["ops"] + first["collectives"]])]  # fmt: skip
-    blocks += [("h2", "Speed" + (" (rank 0)" if r["world_size"] > 1 else "")),
-               ("p", "Median time of repeated calls; TFLOP/s for compute-bound ops, GB/s for memory-bound ones "
-                     "(bus bandwidth for collectives); % of the device's peak at that dtype (CPU: measured "
-                     "matmul and copy peaks; above 100% means the working set fits in cache)."),
-               ("table", ["op", "dtype", "target time", "target rate", "% of peak", "reference time",
-                          "reference rate", "% of peak", "target speed / reference"],
-                [_speed_row(x) for x in first["ops"] + first["collectives"]])]  # fmt: skip
+        rank_rows = [[k["rank"], k["device"]["name"], rank_status(k)] for k in r["ranks"]]
+        blocks += [("h2", "Ranks"), ("table", ["rank", "device", "status"], rank_rows)]
+    rank_0 = " (rank 0)" if r["world_size"] > 1 else ""
+    checks = first["ops"] + first["collectives"]
+    numerics_text = (
+        "Relative error = ||y - y*|| / ||y*|| against float64 (the judged figure); ratio = target error "
+        "/ reference error; cosine, max abs, max rel and the share of elements within 0.1% / 0.5% "
+        "are the target's."
+    )
+    numerics_header = ["op", "dtype", "status", "target rel. error", "reference rel. error", "ratio"]
+    numerics_header += ["cosine", "max abs", "max rel", "within 0.1%", "within 0.5%"]
+    blocks += [
+        ("h2", "Numerics" + rank_0),
+        ("p", numerics_text),
+        ("table", numerics_header, [_numerics_row(x) for x in checks]),
+    ]
+    speed_text = (
+        "Median time of repeated calls; TFLOP/s for compute-bound ops, GB/s for memory-bound ones "
+        "(bus bandwidth for collectives); % of the device's peak at that dtype (CPU: measured "
+        "matmul and copy peaks; above 100% means the working set fits in cache)."
+    )
+    speed_header = ["op", "dtype", "target time", "target rate", "% of peak"]
+    speed_header += ["reference time", "reference rate", "% of peak", "target speed / reference"]
+    blocks += [
+        ("h2", "Speed" + rank_0),
+        ("p", speed_text),
+        ("table", speed_header, [_speed_row(x) for x in checks]),
+    ]
     for p in first["parity"]:
         blocks += _parity_blocks(p)
     blocks += _limits_blocks(r)
@@ -110,23 +133,37 @@ def _problems(r: dict) -> list[list]:
         for p in k["parity"]:
             for s in p["per_step"]:
                 if s["status"] != PASS:
-                    rows.append([k["rank"], f"step parity, step {s['step']}", p["dtype"], s["status"],
-                                 f"worst gradient {s['worst_param']}: {s['worst_param_error_ratio']:.1f}x the "
-                                 f"reference's error; loss error {_e(s['loss_rel_error']['target'])} vs "
-                                 f"{_e(s['loss_rel_error']['reference'])}"])  # fmt: skip
+                    loss_error = s["loss_rel_error"]
+                    why = (
+                        f"worst gradient {s['worst_param']}: {s['worst_param_error_ratio']:.1f}x the "
+                        f"reference's error; loss error {_e(loss_error['target'])} vs {_e(loss_error['reference'])}"
+                    )
+                    rows.append([k["rank"], f"step parity, step {s['step']}", p["dtype"], s["status"], why])
             d = p["first_divergent"]
             if d:
-                rows.append([k["rank"], "step parity, first divergent module", p["dtype"], d["status"],
-                             f"`{d['module']}`: output error {_e(d['target_rel_error'])}, {d['error_ratio']:.1f}x "
-                             f"the reference's ({_e(d['reference_rel_error'])})"])  # fmt: skip
+                why = (
+                    f"`{d['module']}`: output error {_e(d['target_rel_error'])}, {d['error_ratio']:.1f}x "
+                    f"the reference's ({_e(d['reference_rel_error'])})"
+                )
+                rows.append([k["rank"], "step parity, first divergent module", p["dtype"], d["status"], why])
     return rows
 
 
 def _numerics_row(x: dict) -> list:
     t, ref = x["target"], x["reference"]
-    return [x["op"], x["dtype"], x["status"], _e(t["rel_rms"]), _e(ref["rel_rms"]), f"{x['error_ratio']:.2f}",
-            f"{t['cosine']:.8f}", _e(t["max_abs"]), _e(t["max_rel"]), f"{t['within_0_1pct']:.2%}",
-            f"{t['within_0_5pct']:.2%}"]  # fmt: skip
+    return [
+        x["op"],
+        x["dtype"],
+        x["status"],
+        _e(t["rel_rms"]),
+        _e(ref["rel_rms"]),
+        f"{x['error_ratio']:.2f}",
+        f"{t['cosine']:.8f}",
+        _e(t["max_abs"]),
+        _e(t["max_rel"]),
+        f"{t['within_0_1pct']:.2%}",
+        f"{t['within_0_5pct']:.2%}",
+    ]
 
 
 def _speed_row(x: dict) -> list:
@@ -148,25 +185,44 @@ def _parity_blocks(p: dict) -> list[Block]:
     d = p["first_divergent"]
     if d:
         layer = d["layer"] or "outside the transformer layers"
-        where = (f"First module whose output diverges on the target: **`{d['module']}`** ({layer}): error "
-                 f"{_e(d['target_rel_error'])} against the reference's {_e(d['reference_rel_error'])} "
-                 f"({d['error_ratio']:.1f}x).")  # fmt: skip
+        where = (
+            f"First module whose output diverges on the target: **`{d['module']}`** ({layer}): error "
+            f"{_e(d['target_rel_error'])} against the reference's {_e(d['reference_rel_error'])} "
+            f"({d['error_ratio']:.1f}x)."
+        )
     else:
-        where = (f"No module's output on the target is more than the pass ratio further from float64 than the "
-                 f"reference's ({p['modules_compared']} modules compared on the first forward pass).")  # fmt: skip
-    rows = [[s["step"], s["status"], f"{s['loss']['target']:.6f}", f"{s['loss']['reference']:.6f}",
-             f"{s['loss']['float64']:.6f}", f"{_e(s['loss_rel_error']['target'])} / {_e(s['loss_rel_error']['reference'])}",
-             f"{s['grad_cosine_min']['target']:.6f} / {s['grad_cosine_min']['reference']:.6f}",
-             f"`{s['worst_param']}` {s['worst_param_error_ratio']:.2f}x"] for s in p["per_step"]]  # fmt: skip
+        where = (
+            f"No module's output on the target is more than the pass ratio further from float64 than the "
+            f"reference's ({p['modules_compared']} modules compared on the first forward pass)."
+        )
+    rows = [_parity_row(s) for s in p["per_step"]]
+    text = (
+        f"{p['steps']} training steps (AdamW, gradient clipping, bias update, as `anychip train`) from the "
+        f"same weights on one batch of {p['batch']} x {p['seq']} tokens, autocast {p['dtype']}; on the target, "
+        f"on the reference and in float64. {where}"
+    )
+    header = ["step", "status", "loss target", "loss reference", "loss float64"]
+    header += ["loss rel. error target / ref.", "min gradient cosine target / ref.", "worst gradient (error ratio)"]
     return [
         ("h2", f"Step parity, {p['dtype']} ({p['status']})"),
-        ("p", f"{p['steps']} training steps (AdamW, gradient clipping, bias update, as `anychip train`) from the "
-              f"same weights on one batch of {p['batch']} x {p['seq']} tokens, autocast {p['dtype']}; on the target, "
-              f"on the reference and in float64. {where}"),
-        ("table", ["step", "status", "loss target", "loss reference", "loss float64",
-                   "loss rel. error target / ref.", "min gradient cosine target / ref.",
-                   "worst gradient (error ratio)"], rows),
-    ]  # fmt: skip
+        ("p", text),
+        ("table", header, rows),
+    ]
+
+
+def _parity_row(s: dict) -> list:
+    """One step's row of the step parity table."""
+    loss, loss_error, cosine = s["loss"], s["loss_rel_error"], s["grad_cosine_min"]
+    return [
+        s["step"],
+        s["status"],
+        f"{loss['target']:.6f}",
+        f"{loss['reference']:.6f}",
+        f"{loss['float64']:.6f}",
+        f"{_e(loss_error['target'])} / {_e(loss_error['reference'])}",
+        f"{cosine['target']:.6f} / {cosine['reference']:.6f}",
+        f"`{s['worst_param']}` {s['worst_param_error_ratio']:.2f}x",
+    ]
 
 
 def _limits_blocks(r: dict) -> list[Block]:
@@ -178,10 +234,15 @@ def _limits_blocks(r: dict) -> list[Block]:
     rows.append(["ratio to the reference's error (any dtype)", f"<= {ok:g}", f"<= {bad:g}", f"> {bad:g}"])
     ok, bad = lim["expert_agreement"]
     rows.append(["same experts chosen (router)", f">= {ok:.1%}", f">= {bad:.0%}", f"< {bad:.0%}"])
-    return [("h2", "Limits"),
-            ("p", "A check's status is the worst of its figures. Step parity is judged by the ratio alone, for the "
-                  "loss and for every parameter's gradient."),
-            ("table", ["relative error against float64", "pass", "warn", "fail"], rows)]  # fmt: skip
+    text = (
+        "A check's status is the worst of its figures. Step parity is judged by the ratio alone, for the "
+        "loss and for every parameter's gradient."
+    )
+    return [
+        ("h2", "Limits"),
+        ("p", text),
+        ("table", ["relative error against float64", "pass", "warn", "fail"], rows),
+    ]
 
 
 def _what(rank: dict) -> list[list]:
@@ -256,8 +317,9 @@ def to_html(blocks: list[Block], title: str) -> str:
             head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
             rows = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+    page_head = f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    page_head += f"<style>{_CSS}</style></head><body>\n"
+    return page_head + "\n".join(body) + "\n</body></html>\n"
 
 
 def _cell(value) -> str:

@@ -48,8 +48,7 @@ def _qualify(a, target: Device, reference: Device, rank: int, world_size: int) -
         if rank == 0:
             print(f"  {row['op']:<15} {row['dtype']:<9} {row['status']}", file=sys.stderr, flush=True)
 
-    rows = run_ops(target, reference, args, shape, dtypes(a.dtypes), fault, a.seed, only,
-                   on_row=progress)  # fmt: skip
+    rows = run_ops(target, reference, args, shape, dtypes(a.dtypes), fault, a.seed, only, on_row=progress)
     collectives = []
     if world_size > 1:
         ref = reference if reference.type in target.dist_backend else get_device("cpu")
@@ -57,8 +56,10 @@ def _qualify(a, target: Device, reference: Device, rank: int, world_size: int) -
     parity = []
     for dtype in dtypes(a.parity_dtypes) if a.steps else ():
         if target.supports_dtype(dtype) and reference.supports_dtype(dtype):
-            parity.append(step_parity(target, reference, args, dtype, a.steps, a.parity_batch, a.parity_seq,
-                                      fault, a.seed, weights))  # fmt: skip
+            checked = step_parity(
+                target, reference, args, dtype, a.steps, a.parity_batch, a.parity_seq, fault, a.seed, weights
+            )
+            parity.append(checked)
             if rank == 0:
                 print(f"  step parity     {DTYPE_NAMES[dtype]:<9} {parity[-1]['status']}", file=sys.stderr)
     mine = {"rank": rank, "device": _describe(target), "ops": rows, "collectives": collectives, "parity": parity}
@@ -70,18 +71,32 @@ def _qualify(a, target: Device, reference: Device, rank: int, world_size: int) -
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": ("anychip " if sys.argv[0].endswith("anychip") else "anychip qualify ") + " ".join(sys.argv[1:]),
-        "target": mine["device"], "reference": _describe(reference),
-        "model": {"preset": None if a.init else a.preset, "init": str(a.init) if a.init else None,
-                  "hidden_size": args.hidden_size, "layers": args.num_hidden_layers,
-                  "experts": args.n_routed_experts, "vocab_size": args.vocab_size},
-        "shape": {"tokens": shape.tokens, "seq": shape.seq}, "world_size": world_size, "seed": a.seed,
+        "target": mine["device"],
+        "reference": _describe(reference),
+        "model": {
+            "preset": None if a.init else a.preset,
+            "init": str(a.init) if a.init else None,
+            "hidden_size": args.hidden_size,
+            "layers": args.num_hidden_layers,
+            "experts": args.n_routed_experts,
+            "vocab_size": args.vocab_size,
+        },
+        "shape": {"tokens": shape.tokens, "seq": shape.seq},
+        "world_size": world_size,
+        "seed": a.seed,
         "injected_fault": {"op": fault[0], "relative_error": fault[1]} if fault else None,
-        "limits": {"relative_error": {DTYPE_NAMES.get(k, "float64"): v for k, v in LIMITS.items()},
-                   "error_ratio": RATIO_LIMITS, "expert_agreement": AGREEMENT_LIMITS},
-        "software": {"torch": torch.__version__, "python": platform.python_version(),
-                     "threads": torch.get_num_threads()},
+        "limits": {
+            "relative_error": {DTYPE_NAMES.get(k, "float64"): v for k, v in LIMITS.items()},
+            "error_ratio": RATIO_LIMITS,
+            "expert_agreement": AGREEMENT_LIMITS,
+        },
+        "software": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
         "ranks": ranks,
-    }  # fmt: skip
+    }
     report["status"] = worst(rank_status(r) for r in ranks)
     if rank == 0:
         write_report(report, a.out)
@@ -99,8 +114,13 @@ def _model(a):
 
 def _describe(device: Device) -> dict:
     peaks = {DTYPE_NAMES[d]: device.peak_flops(d) for d in DTYPE_NAMES if device.supports_dtype(d)}
-    return {"type": device.type, "name": device.name(), "peak_flops": peaks, "peak_bandwidth": device.peak_bandwidth(),
-            "peak_source": "measured (matmul, copy)" if device.type == "cpu" else "device table"}  # fmt: skip
+    return {
+        "type": device.type,
+        "name": device.name(),
+        "peak_flops": peaks,
+        "peak_bandwidth": device.peak_bandwidth(),
+        "peak_source": "measured (matmul, copy)" if device.type == "cpu" else "device table",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

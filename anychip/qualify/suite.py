@@ -19,10 +19,17 @@ DTYPE_NAMES = {getattr(torch, name): name for name in options.DTYPE_NAMES}  # to
 
 
 def run_ops(
-    target: Device, reference: Device, args: ModelArgs, shape: Shape, dtypes: tuple[torch.dtype, ...],
-    fault: tuple[str, float] | None = None, seed: int = 0, only: tuple[str, ...] = (), time_budget_s: float = 0.2,
+    target: Device,
+    reference: Device,
+    args: ModelArgs,
+    shape: Shape,
+    dtypes: tuple[torch.dtype, ...],
+    fault: tuple[str, float] | None = None,
+    seed: int = 0,
+    only: tuple[str, ...] = (),
+    time_budget_s: float = 0.2,
     on_row: Callable[[dict], None] | None = None,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """One row per (op, dtype) the target supports: target and reference errors against the float64 CPU
     truth, their ratio, the verdict, and each device's time and throughput. `fault` is injected into the
     target's computations only. Ops in `only` (names) restrict the suite."""
@@ -94,17 +101,29 @@ def _row(case, dtype, args, shape, rounded, truth, got, want, target, reference,
     status, reason = judge(t_err, ratio, dtype, agreement)
     work = float(case.work(args, shape, dtype))
     return {
-        "op": case.name, "dtype": DTYPE_NAMES[dtype], "what": case.what, "status": status, "reason": reason,
-        "target": asdict(t_err), "reference": asdict(r_err), "error_ratio": ratio, "expert_agreement": agreement,
-        "unit": case.unit, "work": work,
+        "op": case.name,
+        "dtype": DTYPE_NAMES[dtype],
+        "what": case.what,
+        "status": status,
+        "reason": reason,
+        "target": asdict(t_err),
+        "reference": asdict(r_err),
+        "error_ratio": ratio,
+        "expert_agreement": agreement,
+        "unit": case.unit,
+        "work": work,
         "target_speed": _speed(work, case.unit, t_time, target, dtype),
         "reference_speed": _speed(work, case.unit, r_time, reference, dtype),
-    }  # fmt: skip
+    }
 
 
 def _speed(work: float, unit: str, seconds: float, device: Device, dtype: torch.dtype) -> dict:
     rate = work / seconds if seconds > 0 else float("inf")
     peak = device.peak_flops(dtype) if unit == "FLOP" else device.peak_bandwidth()
-    return {"seconds": seconds, "rate": rate, "rate_unit": "TFLOP/s" if unit == "FLOP" else "GB/s",
-            "rate_value": rate / (1e12 if unit == "FLOP" else 1e9),
-            "peak_pct": 100 * rate / peak if peak else None}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "rate_unit": "TFLOP/s" if unit == "FLOP" else "GB/s",
+        "rate_value": rate / (1e12 if unit == "FLOP" else 1e9),
+        "peak_pct": 100 * rate / peak if peak else None,
+    }

@@ -11,9 +11,25 @@ from .run import Run, load_run
 from .summary import fault_rows, overview
 
 # Events listed under the timeline (checkpoints are only drawn: there are many).
-NOTABLE = {"chaos_inject", "nonfinite", "spike", "rollback", "data_skipped", "update_skipped", "crash_detected",
-           "hang_detected", "straggler", "replica_mismatch", "audit_mismatch", "faulty_hardware", "checkpoint_corrupt",
-           "checkpoint_failed", "restart", "run_end", "rng_reseeded"}  # fmt: skip
+NOTABLE = {
+    "chaos_inject",
+    "nonfinite",
+    "spike",
+    "rollback",
+    "data_skipped",
+    "update_skipped",
+    "crash_detected",
+    "hang_detected",
+    "straggler",
+    "replica_mismatch",
+    "audit_mismatch",
+    "faulty_hardware",
+    "checkpoint_corrupt",
+    "checkpoint_failed",
+    "restart",
+    "run_end",
+    "rng_reseeded",
+}
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:64em;color:#222;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -22,6 +38,22 @@ vertical-align:top}th{background:#f5f5f5}.state{display:inline-block;padding:1px
 .finished{background:#3a7d44}.running{background:#2f6db5}.failed,.stopped{background:#b33a3a}
 .interrupted{background:#a6761d}figure{margin:0 0 1.2em}figcaption{color:#555;font-size:.9em}svg{max-width:100%;height:auto}
 .note{color:#666}"""
+
+_TIMELINE_CAPTION = (
+    "Each dot is a step at the wall time it finished: blue steps count, orange ones were done again after a "
+    "fault. Dashed lines: (re)starts; green ticks: committed checkpoints; crosses: faults (red shading: time "
+    "they cost); triangles: detection; arrows: rollbacks. The bar splits the wall time as anychip goodput does."
+)
+_LOSS_CAPTION = (
+    "Per step (the last run of each step when a fault made it run again); "
+    "held-out: the main model's loss on fixed held-out batches every eval.interval steps."
+)
+_SPEED_CAPTION = "MFU against the device's peak at the training dtype (CPU: a measured matmul)."
+_EXPERT_LOAD_CAPTION = (
+    "Tokens routed to each expert per column (the steps since the column before; a long run's records are "
+    "summed into at most 200 columns), divided by the layer's mean: 1 (white) is balanced, red experts get "
+    "more than their share, blue ones less."
+)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -37,43 +69,42 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def render(run: Run) -> str:
-    parts = [f"<h1>anychip run <code>{_e(run.path.name)}</code></h1>",
-             f'<p><span class="state {run.state}">{run.state}</span> '
-             f"{_e(run.state_detail)} report written {_now()}</p>",
-             "<h2>Summary</h2>", _table(["", ""], overview(run))]  # fmt: skip
+    parts = [
+        f"<h1>anychip run <code>{_e(run.path.name)}</code></h1>",
+        f'<p><span class="state {run.state}">{run.state}</span> {_e(run.state_detail)} report written {_now()}</p>',
+        "<h2>Summary</h2>",
+        _table(["", ""], overview(run)),
+    ]
     faults = fault_rows(run)
     if faults:
-        parts += ["<h2>Faults by kind</h2>",
-                  _table(["kind", "count", "injected", "detected", "median detection latency", "time lost"], faults)]  # fmt: skip
+        parts += [
+            "<h2>Faults by kind</h2>",
+            _table(["kind", "count", "injected", "detected", "median detection latency", "time lost"], faults),
+        ]
     figures = [
-        ("Goodput timeline", plots.timeline(run),
-         "Each dot is a step at the wall time it finished: blue steps count, orange ones were done again after a "
-         "fault. Dashed lines: (re)starts; green ticks: committed checkpoints; crosses: faults (red shading: time "
-         "they cost); triangles: detection; arrows: rollbacks. The bar splits the wall time as anychip goodput does."),
-        ("Loss", plots.loss(run), "Per step (the last run of each step when a fault made it run again); "
-         "held-out: the main model's loss on fixed held-out batches every eval.interval steps."),
+        ("Goodput timeline", plots.timeline(run), _TIMELINE_CAPTION),
+        ("Loss", plots.loss(run), _LOSS_CAPTION),
         ("Optimizer", plots.optimizer(run), ""),
-        ("Throughput and memory", plots.speed(run),
-         "MFU against the device's peak at the training dtype (CPU: a measured matmul)."),
+        ("Throughput and memory", plots.speed(run), _SPEED_CAPTION),
         ("Reinforcement learning", plots.grpo(run), "Rollout rewards by component, accuracy, KL and entropy."),
-        ("Expert load", plots.expert_load(run),
-         "Tokens routed to each expert per column (the steps since the column before; a long run's records are "
-         "summed into at most 200 columns), divided by the layer's mean: 1 (white) is balanced, red experts get "
-         "more than their share, blue ones less."),
-    ]  # fmt: skip
+        ("Expert load", plots.expert_load(run), _EXPERT_LOAD_CAPTION),
+    ]
     for title, svg, caption in figures:
         if svg is None:
             continue
         parts.append(f"<h2>{title}</h2><figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>")
     if not run.experts:
-        parts.append('<p class="note">No expert-load records (experts.jsonl): the run has no MoE layer, has not '
-                     "logged yet, or was made by an older anychip.</p>")  # fmt: skip
+        parts.append(
+            '<p class="note">No expert-load records (experts.jsonl): the run has no MoE layer, has not '
+            "logged yet, or was made by an older anychip.</p>"
+        )
     events = _notable(run)
     if events:
         parts += ["<h2>Events</h2>", _table(["time", "event", "step", "detail"], events)]
     title = f"anychip report: {run.path.name}"
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")  # fmt: skip
+    head = f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+    head += f"<style>{_CSS}</style></head><body>\n"
+    return head + "\n".join(parts) + "\n</body></html>\n"
 
 
 def _notable(run: Run) -> list[list[str]]:

@@ -16,14 +16,30 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from .run import Run  # noqa: E402
 
-plt.rcParams.update({
-    "svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-    "axes.spines.right": False, "figure.dpi": 100, "svg.hashsalt": "anychip",  # same run, same file
-})  # fmt: skip
+plt.rcParams.update(
+    {
+        "svg.fonttype": "none",
+        "font.size": 9,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "figure.dpi": 100,
+        "svg.hashsalt": "anychip",  # same run, same file
+    }
+)
 WIDE = (9.0, 3.0)
-COLORS = {"productive": "#4c72b0", "recomputed": "#dd8452", "checkpoint": "#55a868", "fault": "#c44e52",
-          "detected": "#ff9f1c", "restart": "#8172b3", "rollback": "#937860", "stall": "#55a868",
-          "start-up, eval": "#8172b3"}  # fmt: skip
+COLORS = {
+    "productive": "#4c72b0",
+    "recomputed": "#dd8452",
+    "checkpoint": "#55a868",
+    "fault": "#c44e52",
+    "detected": "#ff9f1c",
+    "restart": "#8172b3",
+    "rollback": "#937860",
+    "stall": "#55a868",
+    "start-up, eval": "#8172b3",
+}
 
 
 def to_svg(fig, drawn: bool = True) -> str | None:
@@ -38,8 +54,14 @@ def to_svg(fig, drawn: bool = True) -> str | None:
     return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG sits inside HTML
 
 
-def _lines(ax, run: Run, keys: list[str], labels: list[str] | None = None, logy: bool = False,
-           smooth: bool = True) -> bool:  # fmt: skip
+def _lines(
+    ax,
+    run: Run,
+    keys: list[str],
+    labels: list[str] | None = None,
+    logy: bool = False,
+    smooth: bool = True,
+) -> bool:
     """One line per metric; long noisy series are drawn faint with their running mean on top."""
     drawn = False
     for key, label in zip(keys, labels or keys):
@@ -78,8 +100,16 @@ def _rollbacks(ax, run: Run) -> None:
     for e in run.events:
         if e["event"] == "rollback":
             ax.axvline(e["from_step"], color=COLORS["rollback"], ls=":", lw=1)
-            ax.annotate(f"rollback to {e['to_step']}", (e["from_step"], 1), xycoords=("data", "axes fraction"),
-                        fontsize=7, color=COLORS["rollback"], rotation=90, va="top", ha="right")  # fmt: skip
+            ax.annotate(
+                f"rollback to {e['to_step']}",
+                (e["from_step"], 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color=COLORS["rollback"],
+                rotation=90,
+                va="top",
+                ha="right",
+            )
 
 
 def loss(run: Run) -> str | None:
@@ -203,30 +233,50 @@ def timeline(run: Run) -> str | None:
         ax.axvline(t - t0, color=COLORS["restart"], ls="--", lw=1, label="start / restart" if i == 0 else None)
     commits = [e for e in run.events if e["event"] == "checkpoint_commit"]
     if commits:
-        ax.scatter([e["time"] - t0 for e in commits], [e["step"] for e in commits], marker="|", s=60,
-                   color=COLORS["checkpoint"], label="checkpoint committed", zorder=4)  # fmt: skip
+        ax.scatter(
+            [e["time"] - t0 for e in commits],
+            [e["step"] for e in commits],
+            marker="|",
+            s=60,
+            color=COLORS["checkpoint"],
+            label="checkpoint committed",
+            zorder=4,
+        )
     for j, f in enumerate(g.faults):
         step = f["step"] if f["step"] is not None else 0
-        ax.scatter([f["time"] - t0], [step], marker="x", s=40, color=COLORS["fault"], zorder=5,
-                   label="fault (injected or detected)" if j == 0 else None)  # fmt: skip
-        ax.annotate(f["kind"], (f["time"] - t0, step), fontsize=7, color=COLORS["fault"], xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
+        fault_label = "fault (injected or detected)" if j == 0 else None
+        ax.scatter([f["time"] - t0], [step], marker="x", s=40, color=COLORS["fault"], zorder=5, label=fault_label)
+        ax.annotate(
+            f["kind"],
+            (f["time"] - t0, step),
+            fontsize=7,
+            color=COLORS["fault"],
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
         if f["detected_at"] is not None and f["injected"]:
-            ax.scatter([f["detected_at"] - t0], [step], marker="v", s=25, color=COLORS["detected"], zorder=5,
-                       label="detected" if j == 0 else None)  # fmt: skip
+            detected_label = "detected" if j == 0 else None
+            detected_at = f["detected_at"] - t0
+            ax.scatter(
+                [detected_at], [step], marker="v", s=25, color=COLORS["detected"], zorder=5, label=detected_label
+            )
         if f["lost_s"]:
             ax.axvspan(f["time"] - t0, f["time"] - t0 + f["lost_s"], color=COLORS["fault"], alpha=0.08, lw=0)
     for e in run.events:
         if e["event"] == "rollback":
-            ax.annotate("", (e["time"] - t0, e["to_step"]), (e["time"] - t0, e["from_step"]),
-                        arrowprops={"arrowstyle": "->", "color": COLORS["rollback"]})  # fmt: skip
+            arrow = {"arrowstyle": "->", "color": COLORS["rollback"]}
+            ax.annotate("", (e["time"] - t0, e["to_step"]), (e["time"] - t0, e["from_step"]), arrowprops=arrow)
     ax.set_ylim(0, top * 1.05 + 1)
     ax.set_xlabel("seconds since the first start")
     ax.set_ylabel("step")
     ax.set_title(f"goodput timeline: {g.ratio:.1%} of {g.wall_s:.0f} s productive")
     ax.legend(loc="upper left", frameon=False, fontsize=7)
-    parts = [("productive", g.productive_s), ("recomputed", g.recomputed_s), ("stall", g.checkpoint_stall_s),
-             ("start-up, eval", g.restart_s)]  # fmt: skip
+    parts = [
+        ("productive", g.productive_s),
+        ("recomputed", g.recomputed_s),
+        ("stall", g.checkpoint_stall_s),
+        ("start-up, eval", g.restart_s),
+    ]
     left = 0.0
     for name, seconds in parts:
         bar.barh([0], [seconds], left=left, color=COLORS[name], label=f"{name} {seconds:.1f} s")

@@ -15,31 +15,45 @@ def overview(run: Run) -> list[tuple[str, str]]:
     model, train, par = cfg.get("model", {}), cfg.get("train", {}), cfg.get("parallel", {})
     state = run.state + (f": {run.state_detail}" if run.state_detail else "")
     total = run.total_steps
+    progress = f"step {run.last_step}" + (f" of {total} ({run.last_step / total:.0%})" if total else "")
+    recipe = f"{train.get('mode', '?')}" + (f", init from {model['init_from']}" if model.get("init_from") else "")
+    batch = (
+        f"{train.get('global_batch', '?')} sequences x {train.get('seq_len', '?')} tokens, "
+        f"lr {train.get('lr', '?')}, dtype {train.get('dtype', '?')}"
+    )
+    world_size = start.get("world_size", par.get("nproc", "?"))
+    strategy = start.get("strategy", par.get("strategy", "?"))
+    time_split = (
+        f"{g.ratio:.1%} (productive {_duration(g.productive_s)}, recomputed {_duration(g.recomputed_s)}, "
+        f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts, start-up and evaluation "
+        f"{_duration(g.restart_s)})"
+    )
     rows = [
         ("run", str(run.path)),
         ("state", state),
-        ("progress", f"step {run.last_step}" + (f" of {total} ({run.last_step / total:.0%})" if total else "")),
+        ("progress", progress),
         ("started", _when(start.get("time"))),
-        ("recipe", f"{train.get('mode', '?')}" + (f", init from {model['init_from']}" if model.get("init_from") else "")),
+        ("recipe", recipe),
         ("model", _model(model, start)),
-        ("batch", f"{train.get('global_batch', '?')} sequences x {train.get('seq_len', '?')} tokens, "
-                  f"lr {train.get('lr', '?')}, dtype {train.get('dtype', '?')}"),
+        ("batch", batch),
         ("device", f"{start.get('device_name', '?')} ({start.get('device', '?')})"),
-        ("world size", f"{start.get('world_size', par.get('nproc', '?'))}, {start.get('strategy', par.get('strategy', '?'))}"),
+        ("world size", f"{world_size}, {strategy}"),
         ("software", f"torch {start.get('torch', '?')}, python {start.get('python', '?')}"),
         ("wall time", _duration(g.wall_s)),
-        ("goodput", f"{g.ratio:.1%} (productive {_duration(g.productive_s)}, recomputed {_duration(g.recomputed_s)}, "
-                    f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts, start-up and evaluation "
-                    f"{_duration(g.restart_s)})"),
+        ("goodput", time_split),
         ("restarts", str(g.restarts)),
         ("faults", ", ".join(f"{k} {v['count']}" for k, v in g.fault_summary.items()) or "none"),
         ("rollbacks", str(sum(e["event"] == "rollback" for e in run.events))),
         ("checkpoints", _checkpoints(run)),
-    ]  # fmt: skip
+    ]
     rows += _figures(run)
     if run.eval:
-        rows.append(("held-out accuracy", f"{run.eval['accuracy']:.1%} ({run.eval.get('correct', 0):g}/"
-                                          f"{run.eval.get('n', '?')}; exactly right {run.eval.get('exact_accuracy', 0):.1%})"))  # fmt: skip
+        e = run.eval
+        accuracy = (
+            f"{e['accuracy']:.1%} ({e.get('correct', 0):g}/{e.get('n', '?')}; "
+            f"exactly right {e.get('exact_accuracy', 0):.1%})"
+        )
+        rows.append(("held-out accuracy", accuracy))
     return rows
 
 
@@ -67,8 +81,13 @@ def _figures(run: Run) -> list[tuple[str, str]]:
             s, v = run.series(key)
             if v:
                 rows.append((key, f"{v[0]:.4g} -> {v[-1]:.4g} (last 10 steps: {_mean(v[-10:]):.4g})"))
-    for key, label, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
-                            ("step_time", "step time", "{:.3f} s"), ("memory_peak_gb", "peak memory", "{:.2f} GiB")):  # fmt: skip
+    speed = [
+        ("tokens_per_s", "tokens/s", "{:,.0f}"),
+        ("mfu", "MFU", "{:.1%}"),
+        ("step_time", "step time", "{:.3f} s"),
+        ("memory_peak_gb", "peak memory", "{:.2f} GiB"),
+    ]
+    for key, label, fmt in speed:
         _, v = run.series(key)
         if v:
             value = max(v) if key == "memory_peak_gb" else median(v)

@@ -13,11 +13,12 @@ where a step's batch comes from and what its loss is:
         DAPO dynamic sampling: drop groups whose rewards are all equal, sample more prompts
         old-policy log-probs (when the batch is used for more than one update), reference
             log-probs (when beta > 0)
-        -> grpo.iterations passes x grpo.minibatches minibatches = one update each
-    policy_step()                   (forward_backward's role)
-        log-probs of the completions under the policy, the chosen loss (anychip.rl.losses)
-        normalised by the counts of the whole global minibatch, so micro-batches and ranks
-        add up to one big batch
+        -> grpo.iterations passes x grpo.minibatches minibatches = one update each, each
+           a dict of tensors plus the rollout's figures (``RolloutFigures``)
+    PolicyLoss (anychip.rl.policy)  the Objective of the step (next-token loss's role), run by
+        the same micro-batch driver as supervised training (anychip.train.step)
+
+A rollout's sequences are ``Row`` records, its counts a ``Tally`` summed over ranks.
 
 Every rank draws its own prompts (example ``k * world_size + rank`` of the train split, k
 counting up) and seeds its sampler from (grpo.seed, rollout, rank, round): a resumed run
@@ -29,24 +30,107 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..config import GRPOConfig
 from ..data import Example
 from ..eval import never_generated
 from ..generate import generate
-from ..models import training_flops_per_token
-from ..parallel import World, all_reduce_sum, full_state_dict, unwrap
-from .losses import group_advantages, normalise, per_token_loss
+from ..models import DeepSeekV3
+from ..parallel import World, all_reduce_sum, all_reduce_sums, full_state_dict, unwrap
+from .losses import group_advantages
+from .policy import log_softmax
 from .rewards import Completion, Rewards
 
 STOP = "</answer>"
 IGNORE = -100
 
 
-def updates_per_rollout(cfg) -> int:
-    return cfg.grpo.iterations * cfg.grpo.minibatches
+@dataclass
+class Row:
+    """One sampled sequence of a group."""
+
+    example: Example
+    prompt: list[int]
+    completion: list[int]
+    scored: Completion
+    reward: float
+
+
+@dataclass
+class Tally:
+    """What this rank's sampling rounds of one rollout saw (summed over ranks by ``RolloutFigures.of``)."""
+
+    sequences: int = 0
+    reward: float = 0.0
+    correct: float = 0.0
+    length: int = 0
+    truncated: int = 0
+    groups: int = 0
+    dropped: int = 0
+    short: int = 0  # groups missing after the last round of dynamic sampling
+    generated: int = 0
+    prompt_tokens: int = 0
+    forward_tokens: int = 0  # of the old-policy and reference log-probs
+    parts: dict[str, float] = field(default_factory=dict)  # per reward component
+
+    def count(self, total, parts, correct, completions, outs, prompts) -> None:
+        self.sequences += len(total)
+        self.reward += sum(total)
+        for k, v in parts.items():
+            self.parts[k] += sum(v)
+        self.correct += sum(float(s >= 1.0) for s in correct)
+        self.length += sum(c.length for c in completions)
+        self.truncated += sum(c.truncated for c in completions)
+        self.generated += sum(len(o) for o in outs)
+        self.prompt_tokens += sum(len(p) for p in prompts)
+
+
+@dataclass
+class RolloutFigures:
+    """A rollout's figures, all ranks together, logged with every update made from it."""
+
+    reward: float
+    accuracy: float
+    response_length: float
+    truncated: float
+    groups_dropped: float
+    groups_short: float
+    generated_tokens: float
+    prompt_tokens: float
+    forward_tokens: float
+    rollout_time: float
+    rewards: dict[str, float]  # mean per reward component
+
+    @classmethod
+    def of(cls, seen: Tally, world: World, dynamic_sampling: bool, seconds: float) -> RolloutFigures:
+        fields = {k: v for k, v in vars(seen).items() if k != "parts"}
+        t = all_reduce_sums({**fields, **{f"part/{k}": v for k, v in seen.parts.items()}}, world)
+        n = max(t["sequences"], 1.0)
+        return cls(
+            reward=t["reward"] / n,
+            accuracy=t["correct"] / n,
+            response_length=t["length"] / n,
+            truncated=t["truncated"] / n,
+            groups_dropped=t["dropped"] / max(t["groups"], 1.0) if dynamic_sampling else 0.0,
+            groups_short=t["short"],
+            generated_tokens=t["generated"],
+            prompt_tokens=t["prompt_tokens"],
+            forward_tokens=t["forward_tokens"],
+            rollout_time=seconds,
+            rewards={k: t[f"part/{k}"] / n for k in seen.parts},
+        )
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: v for k, v in vars(self).items() if k != "rewards"}
+        return {**out, **{f"reward/{k}": v for k, v in self.rewards.items()}}
+
+
+def updates_per_rollout(g: GRPOConfig) -> int:
+    """Optimizer updates made from one rollout batch; a run may stop and resume only between them."""
+    return g.iterations * g.minibatches
 
 
 def prepare_policy(model) -> None:
@@ -76,21 +160,15 @@ def token_logprobs(
     return torch.cat(out)
 
 
-def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probabilities of the sampling distribution: the policy whose ratios and KL the
-    losses take is the one the rollouts were drawn from (as TRL and verl do)."""
-    return F.log_softmax(logits.float() / temperature, dim=-1)
-
-
 class RolloutBatches:
     """Minibatches of sampled, scored completions, one per optimizer update; resumable at
     rollout boundaries (``state_dict``), which is where checkpoints fall."""
 
-    def __init__(self, state, source):
+    def __init__(self, g: GRPOConfig, micro_batch: int, fsdp: bool, state, source):
         self.state = state
-        cfg = state.cfg
-        self.g = cfg.grpo
-        self.cfg = cfg
+        self.g = g
+        self.micro_batch = micro_batch
+        self.fsdp = fsdp and state.world.distributed  # sample from a full copy of the policy
         self.source = source
         self.tokenizer = state.tokenizer
         self.world: World = state.world
@@ -138,18 +216,16 @@ class RolloutBatches:
 
     def _policy_for_sampling(self):
         model = self.state.model
-        if self.world.distributed and self.cfg.parallel.strategy == "fsdp":
+        if self.fsdp:
             return self._rollout_model
         return unwrap(model)
 
     def _sync_rollout_model(self) -> None:
-        if not (self.world.distributed and self.cfg.parallel.strategy == "fsdp"):
+        if not self.fsdp:
             return
         full = full_state_dict(self.state.model, self.world)
         if self._rollout_model is None:
             core = unwrap(self.state.model)
-            from ..models import DeepSeekV3
-
             self._rollout_model = DeepSeekV3(core.args).to(full["embed_tokens.weight"].device)
             self._rollout_model.materialize_counters()
         self._rollout_model.load_state_dict(full)
@@ -162,10 +238,19 @@ class RolloutBatches:
         policy.eval()
         try:
             outs = generate(
-                policy, prompts, g.max_new_tokens, tok.eos_id, tok.pad_id, stop=self.stop, temperature=g.temperature,
-                top_k=g.top_k, top_p=g.top_p, generator=self._sampler(rnd), vocab_size=tok.vocab_size,
+                policy,
+                prompts,
+                g.max_new_tokens,
+                tok.eos_id,
+                tok.pad_id,
+                stop=self.stop,
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                generator=self._sampler(rnd),
+                vocab_size=tok.vocab_size,
                 suppress=never_generated(tok),
-            )  # fmt: skip
+            )
         finally:
             policy.train(was_training)
         completions = []
@@ -180,113 +265,74 @@ class RolloutBatches:
         t0 = time.perf_counter()
         self._sync_rollout_model()
         want = g.prompts_per_step // world.world_size
-        kept: list[tuple] = []  # (example, prompt, completion tokens, Completion, reward) per sequence
-        seen = {"reward": 0.0, "n": 0, "groups": 0, "dropped": 0, "parts": {k: 0.0 for k in self.rewards.weights},
-                "correct": 0.0, "length": 0, "truncated": 0, "generated": 0, "prompt_tokens": 0}  # fmt: skip
+        kept: list[Row] = []
+        seen = Tally(parts=dict.fromkeys(self.rewards.weights, 0.0))
         rnd = 0
-        spare: list[tuple] = []  # all-equal groups, used only if the rounds run out
+        spare: list[Row] = []  # all-equal groups, used only if the rounds run out
         while len(kept) < want * g.group_size:
             need = want - len(kept) // g.group_size
             examples = self._prompts(need)
             prompts, outs, completions = self._sample(examples, rnd)
             expanded = [ex for ex in examples for _ in range(g.group_size)]
             total, parts = self.rewards(expanded, completions)
-            seen["n"] += len(total)
-            seen["reward"] += sum(total)
-            for k, v in parts.items():
-                seen["parts"][k] += sum(v)
-            seen["correct"] += sum(float(s >= 1.0) for s in self.rewards.correct(expanded, completions, parts))
-            seen["length"] += sum(c.length for c in completions)
-            seen["truncated"] += sum(c.truncated for c in completions)
-            seen["generated"] += sum(len(o) for o in outs)
-            seen["prompt_tokens"] += sum(len(p) for p in prompts)
+            seen.count(total, parts, self.rewards.correct(expanded, completions, parts), completions, outs, prompts)
+            rows = [Row(*fields) for fields in zip(expanded, prompts, outs, completions, total)]
             for i in range(need):
-                rows = [
-                    (expanded[j], prompts[j], outs[j], completions[j], total[j])
-                    for j in range(i * g.group_size, (i + 1) * g.group_size)
-                ]
-                seen["groups"] += 1
-                rewards = [r[-1] for r in rows]
+                group = rows[i * g.group_size : (i + 1) * g.group_size]
+                seen.groups += 1
+                rewards = [r.reward for r in group]
                 if g.dynamic_sampling and max(rewards) == min(rewards):
-                    seen["dropped"] += 1
-                    spare.extend(rows)
+                    seen.dropped += 1
+                    spare.extend(group)
                     continue
-                kept.extend(rows)
+                kept.extend(group)
             rnd += 1
             if not g.dynamic_sampling or rnd >= g.max_sampling_rounds:
                 break
         short = want * g.group_size - len(kept)
         if short:  # dynamic sampling ran out of rounds: fill with all-equal groups (zero advantage)
             kept.extend(spare[:short])
+        seen.short = short // g.group_size
         self.stats["rollouts"] += 1
         batch = self._tensors(kept)
-        batch["rollout_metrics"] = self._rollout_metrics(
-            seen, short // g.group_size, batch.pop("forward_tokens"), time.perf_counter() - t0
-        )
+        seen.forward_tokens = batch.pop("forward_tokens")
+        batch["rollout"] = RolloutFigures.of(seen, self.world, self.g.dynamic_sampling, time.perf_counter() - t0)
         return self._split(batch)
 
-    def _tensors(self, rows: list[tuple]) -> dict:
+    def _tensors(self, rows: list[Row]) -> dict:
         g, tok, world = self.g, self.tokenizer, self.world
-        rewards = torch.tensor([r[4] for r in rows], dtype=torch.float32)
+        rewards = torch.tensor([r.reward for r in rows], dtype=torch.float32)
         std = None
         if g.advantage_scale == "batch" and world.distributed:
-            s = all_reduce_sum(
-                torch.tensor([len(rows), rewards.sum(), (rewards.double() ** 2).sum()], dtype=torch.float64), world
-            )
+            moments = torch.tensor([len(rows), rewards.sum(), (rewards.double() ** 2).sum()], dtype=torch.float64)
+            s = all_reduce_sum(moments, world)
             n, mean = s[0], s[1] / s[0]
             std = float(((s[2] - n * mean**2) / (n - 1).clamp(min=1)).clamp(min=0).sqrt())
         adv = group_advantages(rewards, g.group_size, g.advantage_scale, std=std)
-        seqs = [p + o for _, p, o, _, _ in rows]
+        seqs = [r.prompt + r.completion for r in rows]
         width = max(len(s) for s in seqs) - 1
         ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
         targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros(len(rows), width)
-        for i, ((_, p, _, c, _), s) in enumerate(zip(rows, seqs)):
+        for i, (row, s) in enumerate(zip(rows, seqs)):
             ids[i, : len(s) - 1] = torch.tensor(s[:-1])
             targets[i, : len(s) - 1] = torch.tensor(s[1:])
-            if not (g.overlong_filter and c.truncated):
-                mask[i, len(p) - 1 : len(s) - 1] = 1.0  # positions that predict completion tokens
+            if not (g.overlong_filter and row.scored.truncated):
+                mask[i, len(row.prompt) - 1 : len(s) - 1] = 1.0  # positions that predict completion tokens
         labels = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE))
         batch = {"input_ids": ids, "labels": labels, "mask": mask, "advantages": adv}
         dev = unwrap(self.state.model).embed_tokens.weight.device
-        micro = self.cfg.train.micro_batch or ids.shape[0]
-        if updates_per_rollout(self.cfg) > 1:  # the policy moves between updates: keep the sampling policy's
+        micro = self.micro_batch or ids.shape[0]
+        if updates_per_rollout(g) > 1:  # the policy moves between updates: keep the sampling policy's
             policy = self._policy_for_sampling()
             policy.eval()
             batch["old_logp"] = token_logprobs(policy, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
             policy.train()
         if self.state.ref_model is not None and g.beta:
-            batch["ref_logp"] = token_logprobs(
-                self.state.ref_model, ids.to(dev), targets.to(dev), micro, g.temperature
-            ).cpu()
+            ref = self.state.ref_model
+            batch["ref_logp"] = token_logprobs(ref, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
         batch["forward_tokens"] = ids.numel() * (("old_logp" in batch) + ("ref_logp" in batch))
         return batch
-
-    def _rollout_metrics(self, seen: dict, short: int, forward_tokens: int, dt: float) -> dict:
-        n_parts = list(seen["parts"])
-        t = torch.tensor(
-            [seen["n"], seen["reward"], seen["correct"], seen["length"], seen["truncated"], seen["groups"],
-             seen["dropped"], short, seen["generated"], seen["prompt_tokens"], forward_tokens,
-             *(seen["parts"][k] for k in n_parts)],
-            dtype=torch.float64,
-        )  # fmt: skip
-        t = all_reduce_sum(t, self.world)
-        n = max(t[0].item(), 1.0)
-        out = {
-            "reward": t[1].item() / n,
-            "accuracy": t[2].item() / n,
-            "response_length": t[3].item() / n,
-            "truncated": t[4].item() / n,
-            "groups_dropped": t[6].item() / max(t[5].item(), 1.0) if self.g.dynamic_sampling else 0.0,
-            "groups_short": t[7].item(),
-            "generated_tokens": t[8].item(),
-            "prompt_tokens": t[9].item(),
-            "forward_tokens": t[10].item(),
-            "rollout_time": dt,
-        }
-        for i, k in enumerate(n_parts):
-            out[f"reward/{k}"] = t[11 + i].item() / n
-        return out
 
     def _split(self, batch: dict) -> list[dict]:
         """grpo.iterations passes over grpo.minibatches contiguous minibatches (whole groups)."""
@@ -302,78 +348,17 @@ class RolloutBatches:
         return out
 
 
-def policy_step(cfg, model, batch: dict, micro: int, amp, device, world: World) -> dict:
-    """Gradients of the configured GRPO-family loss on ``batch`` (one minibatch), with the
-    normalisers of the whole global minibatch; returns the step's figures."""
-    from ..train.loop import autocast, no_sync
+class ReferenceResets:
+    """The reference policy becomes the current policy every ``interval`` steps
+    (``grpo.ref_reset_interval``; 0: never)."""
 
-    g = cfg.grpo
-    core = unwrap(model)
-    dev = core.embed_tokens.weight.device
-    ids, labels, mask, adv = batch["input_ids"], batch["labels"], batch["mask"], batch["advantages"]
-    targets = labels.clamp(min=0)
-    counts = torch.tensor([float(ids.shape[0]), mask.sum().item(), float(ids.numel())], dtype=torch.float64)
-    counts = all_reduce_sum(counts, world)
-    sequences, tokens, row_tokens = counts[0].item(), counts[1].item(), counts[2].item()
-    micro = micro or ids.shape[0]
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, kl, clip_low, clip_high, entropy, masked tokens
-    chunks = range(0, ids.shape[0], micro)
-    for i, start in enumerate(chunks):
-        sl = slice(start, start + micro)
-        x, m = ids[sl].to(dev), mask[sl].to(dev)
-        with no_sync(model, i == len(chunks) - 1):
-            with autocast(device, amp):
-                logits = model(x)
-            logp_all = log_softmax(logits, g.temperature)
-            logp = logp_all.gather(-1, targets[sl].to(dev).unsqueeze(-1)).squeeze(-1)
-            old = batch["old_logp"][sl].to(dev) if "old_logp" in batch else logp.detach()
-            ref = batch["ref_logp"][sl].to(dev) if "ref_logp" in batch else None
-            tok_loss, per_tok = per_token_loss(
-                logp, old, adv[sl].to(dev), m, eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta, ref_logp=ref,
-                level=g.importance,
-            )  # fmt: skip
-            loss = normalise(tok_loss, m, g.loss, sequences=sequences, tokens=tokens,
-                             max_completion_length=g.max_new_tokens)  # fmt: skip
-            (loss * world.world_size).backward()
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-            if g.importance == "sequence":  # one ratio per sequence: count sequences
-                clip_low, clip_high = per_tok["clip_low"][:, 0].sum().item(), per_tok["clip_high"][:, 0].sum().item()
-            else:
-                clip_low, clip_high = (per_tok["clip_low"] * m).sum().item(), (per_tok["clip_high"] * m).sum().item()
-            sums += torch.tensor([
-                loss.item(), (per_tok["kl"] * m).sum().item() if "kl" in per_tok else 0.0, clip_low, clip_high,
-                (entropy * m).sum().item(), m.sum().item(),
-            ], dtype=torch.float64)  # fmt: skip
-    sums = all_reduce_sum(sums, world)
-    n = max(sums[5].item(), 1.0)
-    n_clip = sequences if g.importance == "sequence" else n
-    out = {
-        "loss": sums[0].item(),
-        "kl": sums[1].item() / n,
-        "clip_low": sums[2].item() / n_clip,
-        "clip_high": sums[3].item() / n_clip,
-        "clip_fraction": (sums[2].item() + sums[3].item()) / n_clip,
-        "entropy": sums[4].item() / n,
-        "tokens": int(tokens),
-    }
-    # the rollout's figures, logged with every update made from it
-    rollout = batch["rollout_metrics"]
-    out.update(rollout)
-    # FLOPs: forward + backward over the rows; forward only for sampling (prefill and one
-    # token per decode step) and the old-policy / reference log-probs, on the rollout's first update
-    per_token, _, _ = training_flops_per_token(core.args.replace(num_nextn_predict_layers=0), ids.shape[1])
-    forward_only = 0.0
-    if batch["first"]:
-        forward_only = rollout["generated_tokens"] + rollout["prompt_tokens"] + rollout["forward_tokens"]
-    out["step_tokens"] = row_tokens
-    out["step_flops"] = per_token * row_tokens + per_token / 3 * forward_only
-    return out
+    def __init__(self, interval: int, ref_model, model, world: World, log):
+        self.interval, self.ref_model, self.model, self.world, self.log = interval, ref_model, model, world, log
 
+    def due(self, step: int) -> bool:
+        return self.ref_model is not None and bool(self.interval) and step % self.interval == 0
 
-@torch.no_grad()
-def reset_reference(state) -> None:
-    """The reference policy becomes the current policy (``grpo.ref_reset_interval``)."""
-    if state.ref_model is not None:
-        state.ref_model.load_state_dict(full_state_dict(state.model, state.world))
-        state.log.event("reference_reset", step=state.step)
+    @torch.no_grad()
+    def reset(self, step: int) -> None:
+        self.ref_model.load_state_dict(full_state_dict(self.model, self.world))
+        self.log.event("reference_reset", step=step)

@@ -143,9 +143,16 @@ def policy_loss(
     log-probs are given), ``clip_low``, ``clip_high`` (token means; with GSPO's
     sequence-level ratio, the share of sequences) and ``clip_fraction`` (their sum)."""
     token_loss, per_token = per_token_loss(
-        logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        ref_logp=ref_logp,
         level=level,
-    )  # fmt: skip
+    )
     loss = normalise(token_loss, mask, loss_type, max_completion_length=max_completion_length)
     m = mask.to(logp.dtype)
     n = m.sum().clamp(min=1.0)

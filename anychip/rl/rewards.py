@@ -116,10 +116,13 @@ class Rewards:
                 values = overlong(completions, self.max_new_tokens, self.overlong_buffer)
             else:
                 values = self.user[name](
-                    prompts=[ex.prompt for ex in examples], completions=[c.text for c in completions],
-                    answers=[ex.answer for ex in examples], tasks=[ex.task for ex in examples],
-                    entries=[ex.entry for ex in examples], lengths=[c.length for c in completions],
-                )  # fmt: skip
+                    prompts=[ex.prompt for ex in examples],
+                    completions=[c.text for c in completions],
+                    answers=[ex.answer for ex in examples],
+                    tasks=[ex.task for ex in examples],
+                    entries=[ex.entry for ex in examples],
+                    lengths=[c.length for c in completions],
+                )
                 values = [float(v) for v in values]
             if len(values) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")

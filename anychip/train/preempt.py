@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from ..launch import LAUNCHER_PID
+from ..launcher_env import LAUNCHER_PID
 
 PREEMPT_SIGNAL = signal.SIGUSR2  # what anychip's launcher sends its workers
+
 
 
 def launched_by_anychip() -> bool:

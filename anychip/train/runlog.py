@@ -29,8 +29,16 @@ EXPERTS_MAX_MB = 50.0
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, active: bool, total_steps: int, tensorboard: bool = True, progress: bool = True,
-                 log_interval: int = 1, experts_max_mb: float = EXPERTS_MAX_MB):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        active: bool,
+        total_steps: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+        log_interval: int = 1,
+        experts_max_mb: float = EXPERTS_MAX_MB,
+    ):
         self.run_dir = Path(run_dir)
         self.active = active
         self.total_steps = total_steps

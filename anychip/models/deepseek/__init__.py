@@ -5,6 +5,13 @@ from .model import DeepSeekV3, KVCache, LossOutput
 from .presets import PRESETS, count_parameters, preset, training_flops_per_token
 
 __all__ = [
-    "PRESETS", "DeepSeekV3", "KVCache", "LossOutput", "ModelArgs", "YarnScaling",
-    "count_parameters", "preset", "training_flops_per_token",
-]  # fmt: skip
+    "PRESETS",
+    "DeepSeekV3",
+    "KVCache",
+    "LossOutput",
+    "ModelArgs",
+    "YarnScaling",
+    "count_parameters",
+    "preset",
+    "training_flops_per_token",
+]

@@ -73,9 +73,16 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-            "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "intermediate_size",
-        ]  # fmt: skip
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+            "intermediate_size",
+        ]
         for name in positive:
             _require(self, name, getattr(self, name) > 0, "a positive integer")
         _require(self, "qk_nope_head_dim", self.qk_nope_head_dim >= 0, "an integer >= 0")
@@ -92,27 +99,20 @@ class ModelArgs:
             for name in ["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group"]:
                 _require(self, name, getattr(self, name) > 0, "a positive integer")
             _require(self, "n_shared_experts", self.n_shared_experts >= 0, "an integer >= 0")
-            _require(
-                self, "n_group", self.n_routed_experts % self.n_group == 0,
-                f"a divisor of n_routed_experts={self.n_routed_experts}",
-            )  # fmt: skip
+            divides = self.n_routed_experts % self.n_group == 0
+            _require(self, "n_group", divides, f"a divisor of n_routed_experts={self.n_routed_experts}")
             _require(self, "topk_group", 1 <= self.topk_group <= self.n_group, f"in [1, n_group={self.n_group}]")
             reachable = self.topk_group * (self.n_routed_experts // self.n_group)
-            _require(
-                self, "num_experts_per_tok", self.num_experts_per_tok <= reachable,
-                f"<= topk_group * experts per group = {reachable}",
-            )  # fmt: skip
-            _require(
-                self, "n_group", self.n_group == 1 or self.n_routed_experts // self.n_group >= 2,
-                "1, or small enough that each group holds >= 2 experts (groups are scored by their top 2)",
-            )  # fmt: skip
+            within_reach = self.num_experts_per_tok <= reachable
+            _require(self, "num_experts_per_tok", within_reach, f"<= topk_group * experts per group = {reachable}")
+            groups_of_two = self.n_group == 1 or self.n_routed_experts // self.n_group >= 2
+            expected = "1, or small enough that each group holds >= 2 experts (groups are scored by their top 2)"
+            _require(self, "n_group", groups_of_two, expected)
         if self.rope_scaling is not None:
             s = self.rope_scaling
             _require(self, "rope_scaling.factor", s.factor >= 1, ">= 1")
-            _require(
-                self, "rope_scaling.original_max_position_embeddings",
-                s.original_max_position_embeddings > 0, "> 0",
-            )  # fmt: skip
+            original_positive = s.original_max_position_embeddings > 0
+            _require(self, "rope_scaling.original_max_position_embeddings", original_positive, "> 0")
 
     # derived sizes
     @property

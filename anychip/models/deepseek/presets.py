@@ -10,6 +10,7 @@ from .model import DeepSeekV3
 
 _V3_YARN = YarnScaling(factor=40, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
 
+# Not formatted (marker at the end): each preset stays a few dense lines instead of one line per field.
 PRESETS: dict[str, ModelArgs] = {
     # unit tests: every part of the architecture, a few tens of thousands of parameters
     "debug": ModelArgs(

@@ -1,0 +1,5 @@
+"""The environment variables ``anychip train``'s launcher sets for the workers it starts
+(read by ``anychip.launch`` and ``anychip.train.preempt``; no imports, so both can)."""
+
+LAUNCHER_PID = "ANYCHIP_LAUNCHER_PID"  # the launcher's pid: it owns SIGTERM and the run directory's lock
+PREEMPTED = "ANYCHIP_PREEMPTED"  # set once preempted: a worker started after it stops at once

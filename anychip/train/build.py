@@ -1,0 +1,293 @@
+"""Everything a run needs before its first step, in this order (the order fixes the random
+numbers, so it is part of the run's trajectory):
+
+    seed -> tokenizer -> model (random init or model.init_from) -> [GRPO: freeze MTP, reference]
+    -> FSDP2/DDP -> AdamW -> data (token batches, or GRPO rollouts) -> run_start event
+    -> objective -> checkpointer -> guards and the hang watchdog -> chaos
+    -> resume from the newest checkpoint -> held-out loss batches
+
+Each component gets its own config section (and the run's last step where it must know it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.markup import escape
+
+from ..chaos import install as install_chaos
+from ..checkpoint import Checkpointer, RunIdentity
+from ..config import Config, TrainConfig
+from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_tokenizer
+from ..device import Device
+from ..errors import CheckpointError, ConfigError
+from ..eval import HeldoutLoss
+from ..export import load_init
+from ..guards.heartbeat import Heartbeat
+from ..guards.setup import Guards, build_guards
+from ..models import DeepSeekV3, count_parameters
+from ..models.deepseek.args import SHAPE_FREE
+from ..models.hf import remove_save_leftovers
+from ..parallel import World, parallelize, unwrap
+from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
+from ..rl.policy import PolicyLoss
+from .hooks import Hooks, TrainState
+from .lm import NextTokenLoss
+from .metrics import StepMeter
+from .optim import build_optimizer
+from .preempt import Preemption
+from .runlog import RunLog, read_jsonl
+from .step import Objective, autocast_dtype
+
+
+@dataclass
+class Trainer:
+    """A built run: the shared state and the components the loop calls, each once per step."""
+
+    state: TrainState
+    hooks: Hooks
+    objective: Objective
+    guards: Guards
+    heartbeat: Heartbeat | None
+    heldout: HeldoutLoss
+    meter: StepMeter
+    preemption: Preemption
+    references: ReferenceResets | None  # GRPO with a reference policy
+    schedule: TrainConfig  # the learning-rate schedule and gradient clipping
+    steps: int  # the run's last step
+    boundary: int  # a run may stop (and resume exactly) only after a multiple of this many steps
+    micro: int  # sequences per forward pass and rank; 0: the whole batch
+    amp: torch.dtype | None  # autocast dtype; None: float32
+
+
+def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog, hooks: Hooks, preemption) -> Trainer:
+    """Build the run of ``cfg`` on this rank; resumes from the newest checkpoint of
+    ``run_dir``. Input faults (a garbage tokenizer file, an empty corpus, task options
+    reasoning-gym refuses) are ConfigErrors naming the key."""
+    t = cfg.train
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device.manual_seed(t.seed)
+    with input_error("data.tokenizer", cfg.data.tokenizer):
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, tokenizer.vocab_size, device, world)
+    model.train()
+    rl = t.mode == "grpo"
+    ref = None
+    if rl:
+        prepare_policy(model)
+        ref = make_reference(model) if cfg.grpo.beta else None
+    model = parallelize(model, world, cfg.parallel.strategy)
+    optimizer = build_optimizer(model, t, device)
+    state = TrainState(run_dir, device, world, model, optimizer, None, log, tokenizer, ref_model=ref)
+    with input_error("data", _data_spec(cfg)):
+        source = build_source(cfg, "train")
+        if not rl:
+            state.data = TokenBatches(
+                source, tokenizer, t.seq_len, t.global_batch, world.rank, world.world_size, t.mode
+            )
+    if rl:
+        fsdp = cfg.parallel.strategy == "fsdp"
+        with input_error("grpo.rewards", cfg.grpo.rewards):  # imports the reward functions it names
+            state.data = RolloutBatches(cfg.grpo, t.micro_batch, fsdp, state, source)
+    _log_start(cfg, state)
+
+    core = unwrap(model)
+    local_rows = t.global_batch // world.world_size
+    micro = t.micro_batch or (0 if rl else local_rows)  # GRPO: 0 = the whole minibatch
+    if not rl and local_rows % micro:
+        raise ValueError(
+            f"train.micro_batch = {micro} does not divide the {local_rows} sequences per rank "
+            f"(global_batch {t.global_batch} / world size {world.world_size})"
+        )
+    amp = autocast_dtype(t.dtype, device)
+    if rl:
+        objective = PolicyLoss(cfg.grpo, core.args)
+    else:
+        objective = NextTokenLoss(core.args, len(core.mtp), t.seq_len, t.global_batch)
+    identity = RunIdentity(cfg.to_toml(), cfg.digest(), t.seed)
+    checkpointer = state.checkpointer = Checkpointer(state, run_dir / "checkpoints", cfg.checkpoint, t.steps, identity)
+    heldout = HeldoutLoss(cfg.eval.interval, t.steps, [], micro, amp, device.type, world)
+    guards = build_guards(
+        cfg.guards,
+        strategy=cfg.parallel.strategy,
+        run_dir=run_dir,
+        model=model,
+        device=device,
+        amp=amp,
+        objective=objective,
+        world=world,
+        log=log,
+        checkpoint_due=checkpointer.due,
+    )
+    heartbeat = None
+    if cfg.guards.watchdog:  # the watchdog watches from here on
+
+        def long_step(step: int) -> bool:  # a checkpoint or a held-out loss after it
+            return checkpointer.due(step) or (not rl and heldout.on_schedule(step))
+
+        heartbeat = Heartbeat(run_dir, world.rank, cfg.guards, long_step)
+        hooks.add_heartbeat(heartbeat)
+    replicas = world.distributed and cfg.parallel.strategy == "ddp"
+    install_chaos(cfg.chaos, state, hooks, t.steps, replicas)
+    checkpointer.cleanup()
+    state.step = checkpointer.load_latest() or 0
+    if state.step > t.steps:
+        raise ConfigError(
+            f"train.steps = {t.steps} is below the step of the checkpoint to resume, {state.step}; "
+            "raise train.steps to continue"
+        )
+    if world.is_main:  # written once the config is known to fit the checkpoint
+        (run_dir / "config.toml").write_text(identity.config_toml)
+    if state.step:
+        log.print(f"resumed from the checkpoint of step {state.step}")
+    heldout.batches = heldout_batches(cfg, tokenizer, world)
+    references = ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None
+    meter = StepMeter(core, t.seq_len, device, world, amp)
+    boundary = updates_per_rollout(cfg.grpo) if rl else 1
+    return Trainer(
+        state,
+        hooks,
+        objective,
+        guards,
+        heartbeat,
+        heldout,
+        meter,
+        preemption,
+        references,
+        t,
+        t.steps,
+        boundary,
+        micro,
+        amp,
+    )
+
+
+def build_source(cfg: Config, split: str = "train"):
+    d = cfg.data
+    if d.source == "reasoning_gym":
+        return ReasoningTasks(
+            d.tasks,
+            seed=cfg.train.seed,
+            split=split,
+            heldout_size=d.heldout_size,
+            task_kwargs=d.task_options,
+            reasoning=d.reasoning,
+        )
+    if split != "train":
+        return None
+    if d.source == "jsonl":
+        return JsonlCorpus(d.path, d.text_field, d.prompt_field or None, d.completion_field or None)
+    return TextCorpus(d.path)
+
+
+def heldout_batches(cfg: Config, tokenizer, world: World) -> list[dict]:
+    """The fixed batches of the periodic held-out loss (this rank's rows); none when
+    ``eval.interval`` is 0, in GRPO runs, or for corpora without a held-out split."""
+    source = build_source(cfg, "heldout") if cfg.eval.interval and cfg.train.mode != "grpo" else None
+    if source is None:
+        return []
+    t = cfg.train
+    data = TokenBatches(source, tokenizer, t.seq_len, t.global_batch, world.rank, world.world_size, t.mode)
+    return [data.next_batch() for _ in range(cfg.eval.loss_batches)]
+
+
+def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> DeepSeekV3:
+    """Random init (identical on every rank) or the model ``init_from`` names: a Hugging Face
+    directory, a run (its final model, else its newest checkpoint) or a checkpoint."""
+    if cfg.model.init_from:
+        with input_error("model.init_from", cfg.model.init_from):
+            shape_free = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FREE}
+            # the config refused shape fields that differ from the model's own
+            model = load_init(cfg.model.init_from, device=device.torch_device(world.local_rank), **shape_free)
+        if model.args.vocab_size < vocab_size:
+            raise ValueError(
+                f"model.init_from {cfg.model.init_from}: vocab_size {model.args.vocab_size} < tokenizer's "
+                f"{vocab_size} tokens"
+            )
+        return model
+    args = cfg.model_args(vocab_size)
+    with torch.device("meta"):
+        model = DeepSeekV3(args)
+    model.to_empty(device=device.torch_device(world.local_rank))
+    model.init_weights(seed=cfg.train.seed)
+    return model
+
+
+@contextlib.contextmanager
+def input_error(key: str, value):
+    """Errors that are the input's fault (a tokenizer file of garbage, an empty corpus, task
+    options reasoning-gym refuses) become ConfigErrors naming the key and its value: the
+    worker then writes fatal.json and no restart repeats them."""
+    try:
+        yield
+    except (ConfigError, CheckpointError):
+        raise
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{key} = {value!r}: {e}") from None
+
+
+def _data_spec(cfg: Config) -> str:
+    d = cfg.data
+    if d.source == "reasoning_gym":
+        return f"reasoning_gym tasks {d.tasks} with task_options {d.task_options}"
+    return f"{d.source} corpus {d.path}"
+
+
+def _log_start(cfg: Config, state: TrainState) -> None:
+    """The run_start event (and a restart's, a crash's and a fresh MTP module's), and the
+    removal of a final save that a crash cut short."""
+    log, world, device, run_dir = state.log, state.world, state.device, state.run_dir
+    args = unwrap(state.model).args
+    total, active = count_parameters(args, include_mtp=True)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    _note_crash(run_dir, log, world)
+    log.event(
+        "run_start",
+        config_digest=cfg.digest(),
+        device=device.type,
+        device_name=device.name(),
+        world_size=world.world_size,
+        strategy=cfg.parallel.strategy if world.distributed else "none",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        parameters=total,
+        activated=active,
+        restart=restart,
+        pid=os.getpid(),
+    )
+    if restart:
+        log.event("restart", count=restart)
+    if getattr(unwrap(state.model), "mtp_initialized", False):
+        log.event("mtp_initialized", init_from=cfg.model.init_from, layers=args.num_nextn_predict_layers)
+        log.print(
+            f"[yellow]{escape(cfg.model.init_from)} has no MTP weights: the MTP module starts freshly "
+            "initialised[/yellow]"
+        )
+    if world.is_main:
+        for leftover in remove_save_leftovers(run_dir / "final"):  # a final save cut short by a crash
+            log.event("final_save_cleanup", path=str(leftover))
+    where = ",".join(cfg.data.tasks) if cfg.data.source == "reasoning_gym" else cfg.data.path
+    log.print(
+        f"anychip train: {cfg.model.preset} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active) on "
+        f"{world.world_size} x {device.type} ({device.name()}), {cfg.train.mode} on {cfg.data.source}:{where}"
+        f" -> {escape(str(run_dir))}"
+    )
+
+
+def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
+    """An earlier start of this run that never logged run_end died: record it."""
+    if not world.is_main:
+        return
+    events = read_jsonl(run_dir / "events.jsonl")  # before this start logs anything
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
+    if starts and not any(e["event"] == "run_end" for e in events[starts[-1] :]):
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        last_step = metrics[-1]["step"] if metrics else 0
+        last_record = max(events[-1]["time"], metrics[-1]["time"] if metrics else 0)
+        log.event("crash_detected", last_step=last_step, last_record=last_record)

@@ -1,0 +1,61 @@
+"""What a step logs beside its objective's figures: learning rate, gradient norm, time,
+tokens/s, MFU against the device's peak, expert imbalance and peak memory; and the line
+the terminal shows."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .step import Work
+
+
+class StepMeter:
+    def __init__(self, core, seq_len: int, device, world, amp):
+        self.device, self.world = device, world
+        self.peak = device.peak_flops(amp or torch.float32)
+        self.moe_names = core.moe_layer_names()
+        self.t0 = time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def measure(self, figures: dict, work: Work, lr: float, grad_norm: float, loads: torch.Tensor, extra: dict) -> dict:
+        """The step's metrics; waits for the device so that the step time is the device's."""
+        self.device.synchronize()
+        dt = time.perf_counter() - self.t0
+        return {
+            **figures,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time": dt,
+            "tokens_per_s": work.tokens / dt,
+            "mfu": work.flops / dt / (self.peak * self.world.world_size) if self.peak else None,
+            "expert_imbalance": imbalance(loads),
+            "memory_peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30,
+            **extra,  # from guards, for this step
+        }
+
+
+def imbalance(loads: torch.Tensor) -> float:
+    """The largest ratio of an expert's tokens to its layer's mean (1.0: perfectly balanced)."""
+    if loads.numel() == 0:
+        return 1.0
+    mean = loads.mean(dim=1).clamp(min=1e-9)
+    return float((loads.max(dim=1).values / mean).max())
+
+
+def console_line(step: int, m: dict, rl: bool) -> str:
+    mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+    speed = f"lr {m['lr']:.2e}  grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}"
+    if rl:
+        return (
+            f"step {step:5d}  reward {m['reward']:.3f}  accuracy {m['accuracy']:.3f}  kl {m['kl']:.4f}  "
+            f"clip {m['clip_fraction']:.3f}  length {m['response_length']:.1f}  entropy {m['entropy']:.3f}  {speed}"
+        )
+    heldout = f"  held-out {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+    return (
+        f"step {step:5d}  loss {m['loss']:.4f}  lm {m['lm_loss']:.4f}  {speed}  "
+        f"experts max/mean {m['expert_imbalance']:.2f}{heldout}"
+    )
