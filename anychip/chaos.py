@@ -39,21 +39,11 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import committed
+from .config import FAULT_KINDS, split_fault
 from .parallel import unwrap
 from .train.runlog import append_event, read_jsonl
 
-KINDS = (
-    "kill",
-    "exception",
-    "hang",
-    "nan",
-    "bitflip",
-    "slow",
-    "corrupt_checkpoint",
-    "checkpoint_write",
-    "bad_batch",
-    "sdc",
-)
+KINDS = FAULT_KINDS  # declared on the config field chaos.kinds
 
 
 class ChaosError(RuntimeError):
@@ -73,13 +63,7 @@ class Fault:
 
 def parse_fault(spec: str) -> Fault:
     """``kind@step`` or ``kind@step:rank``; raises ValueError naming what is wrong."""
-    kind, sep, rest = spec.strip().partition("@")
-    if not sep or kind not in KINDS:
-        raise ValueError(f"{spec!r}: expected kind@step[:rank] with kind one of {', '.join(KINDS)}")
-    step, _, rank = rest.partition(":")
-    if not step.isdigit() or int(step) < 1 or (rank and not rank.isdigit()):
-        raise ValueError(f"{spec!r}: step must be an integer >= 1 and rank an integer >= 0")
-    return Fault(kind, int(step), int(rank or 0))
+    return Fault(*split_fault(spec))
 
 
 def schedule(cfg, world_size: int, steps: int, replicas: bool) -> list[Fault]:

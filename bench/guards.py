@@ -66,8 +66,8 @@ def accounting(steps: int) -> dict:
     import anychip.checkpoint as ckpt
     import anychip.guards.setup as guard_setup
     import anychip.train.loop as loop
-    from anychip.train.hooks import Hooks
     from anychip.config import load_config
+    from anychip.train.hooks import Hooks
 
     spent: dict[str, float] = {}
 

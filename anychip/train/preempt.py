@@ -25,7 +25,6 @@ from ..launcher_env import LAUNCHER_PID
 PREEMPT_SIGNAL = signal.SIGUSR2  # what anychip's launcher sends its workers
 
 
-
 def launched_by_anychip() -> bool:
     """Whether this worker was started by ``anychip train``'s launcher (which owns SIGTERM)."""
     return bool(os.environ.get(LAUNCHER_PID))
