@@ -36,10 +36,12 @@ from typing import Annotated, Literal
 
 import tomli_w
 
+from .data.loader import MODES as TOKEN_MODES
 from .device import NAMES as DEVICE_NAMES
 from .errors import ConfigError
 from .models.deepseek.args import SHAPE_FREE, ModelArgs
 from .models.deepseek.presets import PRESETS
+from .rl.losses import LEVELS, LOSS_TYPES, SCALES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +95,7 @@ FAULT_KINDS = (
     "sdc",
 )
 PRESET_NAMES = tuple(PRESETS)
+TRAIN_MODES = (*TOKEN_MODES, "grpo")  # grpo: batches of sampled completions (anychip/rl) instead of tokens
 
 
 def split_fault(spec: str) -> tuple[str, int, int]:
@@ -134,7 +137,7 @@ class TrainConfig:
     """Optimizer steps of the run."""
     seed: int = 0
     """Seed of the model initialisation, the data split and the data order."""
-    mode: Literal["pretrain", "sft", "grpo"] = "sft"
+    mode: Literal[TRAIN_MODES] = "sft"
     """pretrain: loss on every token | sft: loss on completion tokens only | grpo: reinforcement learning
     from rewards, see [grpo] (`anychip grpo`)."""
     global_batch: Annotated[int, Range(gt=0)] = 16
@@ -320,12 +323,12 @@ class GRPOConfig:
     """Sample from the k most likely tokens; 0 = off."""
     top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
     """Nucleus sampling: the smallest set of tokens with this probability mass; 1 = off."""
-    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    loss: Literal[LOSS_TYPES] = "grpo"
     """grpo: per-sequence token mean (DeepSeekMath/R1) | bnpo: token mean of the batch | dapo: token mean
     of the global batch | dr_grpo: token sum / (sequences x max_new_tokens)."""
-    importance: Literal["token", "sequence"] = "token"
+    importance: Literal[LEVELS] = "token"
     """token: per-token ratio | sequence: GSPO's sequence-level ratio."""
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: Literal[SCALES] = "group"
     """(reward - group mean) / std of: group | batch | none (Dr. GRPO)."""
     eps_low: Annotated[float, Range(ge=0)] = 0.2
     """Ratio clip 1 - eps_low."""

@@ -7,11 +7,10 @@ import json
 
 from rich.markup import escape
 
-from ..config import Config
+from ..config import EvalConfig
 from ..eval import evaluate, reduce_result, shard
 from ..models import DeepSeekV3, save_hf
 from ..parallel import full_state_dict, unwrap
-from .build import build_source
 from .hooks import TrainState
 
 
@@ -27,21 +26,21 @@ def full_model(state: TrainState) -> DeepSeekV3:
     return plain
 
 
-def finish(cfg: Config, state: TrainState, train_time: float) -> None:
+def finish(state: TrainState, e: EvalConfig, heldout, train_time: float) -> None:
+    """Save the final model and score it on ``e.n`` problems of the ``heldout`` task source
+    (none: no evaluation), each rank a share; then the run_end event."""
     world, log = state.world, state.log
     final = full_model(state)
     if world.is_main:
         save_hf(final, state.run_dir / "final", overwrite=True)
-    heldout = build_source(cfg, "heldout")
     result = None
-    if heldout is not None and cfg.eval.n:
-        e = cfg.eval
+    if heldout is not None and e.n:
         examples = shard([heldout.example(i) for i in range(min(e.n, len(heldout)))], world.rank, world.world_size)
         result = reduce_result(evaluate(final, state.tokenizer, examples, e.max_new_tokens, e.batch_size), world)
         state.eval = result
         log.print(
             f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}; exactly right: "
-            f"{result.exact_accuracy:.1%}) on {escape(str(cfg.data.tasks))}"
+            f"{result.exact_accuracy:.1%}) on {escape(str(heldout.names))}"
         )
         for s in result.samples[:3]:
             line = f"  {s['prompt'].strip()!r} -> {s['output']!r} (answer {s['answer']}, score {s['score']:g})"
@@ -52,7 +51,7 @@ def finish(cfg: Config, state: TrainState, train_time: float) -> None:
                 "exact_accuracy": result.exact_accuracy,
                 "correct": result.correct,
                 "n": result.n,
-                "tasks": cfg.data.tasks,
+                "tasks": heldout.names,
                 "samples": result.samples,
             }
             (state.run_dir / "eval.json").write_text(json.dumps(report, indent=2))

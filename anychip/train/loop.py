@@ -26,7 +26,7 @@ from ..config import Config
 from ..device import get_device
 from ..guards.base import Action, StepView
 from ..parallel import all_reduce_sum, close_world, init_world, unwrap
-from .build import Trainer, build
+from .build import Trainer, build, build_source
 from .finish import finish
 from .hooks import Hooks, TrainState
 from .metrics import console_line
@@ -51,7 +51,7 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         trainer = build(cfg, run_dir, device, world, log, hooks, preemption)
         train_time = run(trainer)
         if train_time is not None:
-            finish(cfg, trainer.state, train_time)
+            finish(trainer.state, cfg.eval, build_source(cfg, "heldout"), train_time)
             hooks("on_end", trainer.state)
         return trainer.state
     except BaseException as e:
