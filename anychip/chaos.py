@@ -40,8 +40,8 @@ import torch
 
 from .checkpoint import committed
 from .config import FAULT_KINDS, split_fault
+from .events import append_event, read_jsonl
 from .parallel import unwrap
-from .train.runlog import append_event, read_jsonl
 
 KINDS = FAULT_KINDS  # declared on the config field chaos.kinds
 

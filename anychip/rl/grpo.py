@@ -31,10 +31,10 @@ import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import GRPOConfig
 from ..data import Example
 from ..eval import never_generated
 from ..generate import generate
@@ -43,6 +43,9 @@ from ..parallel import World, all_reduce_sum, all_reduce_sums, full_state_dict, 
 from .losses import group_advantages
 from .policy import log_softmax
 from .rewards import Completion, Rewards
+
+if TYPE_CHECKING:  # the [grpo] section's type only: rl does not depend on the config module
+    from ..config import GRPOConfig
 
 STOP = "</answer>"
 IGNORE = -100

@@ -5,13 +5,17 @@ micro-batches and ranks add up to one big batch."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ..config import GRPOConfig
 from ..models import ModelArgs, training_flops_per_token
 from ..train.step import Objective, Part, Work
 from .losses import normalise, per_token_loss
+
+if TYPE_CHECKING:  # the [grpo] section's type only: rl does not depend on the config module
+    from ..config import GRPOConfig
 
 
 def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -89,6 +93,12 @@ class PolicyLoss(Objective):
             "tokens": int(counts["tokens"]),
             **batch["rollout"].metrics(),
         }
+
+    def headline(self, m: dict[str, float]) -> str:
+        return (
+            f"reward {m['reward']:.3f}  accuracy {m['accuracy']:.3f}  kl {m['kl']:.4f}  clip {m['clip_fraction']:.3f}  "
+            f"length {m['response_length']:.1f}  entropy {m['entropy']:.3f}"
+        )
 
     def work(self, batch: dict, counts: dict[str, float]) -> Work:
         """Forward and backward over the rows; on the rollout's first update also the forward-only

@@ -57,5 +57,8 @@ class NextTokenLoss(Objective):
             out["balance_loss"] = balance
         return out
 
+    def headline(self, figures: dict[str, float]) -> str:
+        return f"loss {figures['loss']:.4f}  lm {figures['lm_loss']:.4f}"
+
     def work(self, batch: dict, counts: dict[str, float]) -> Work:
         return Work(self.tokens_per_step, self.flops_per_step)

@@ -127,7 +127,7 @@ def train_step(trainer: Trainer) -> bool:
     hooks("after_step", state)
     log.advance(step, f"loss {state.figures['loss']:.3f}")
     if step % log.log_interval == 0 or step == 1 or step == trainer.steps:
-        log.print(console_line(step, metrics, rl=trainer.references is not None))
+        log.print(console_line(step, trainer.objective.headline(metrics), metrics))
     return True
 
 

@@ -46,16 +46,11 @@ def imbalance(loads: torch.Tensor) -> float:
     return float((loads.max(dim=1).values / mean).max())
 
 
-def console_line(step: int, m: dict, rl: bool) -> str:
+def console_line(step: int, headline: str, m: dict) -> str:
+    """The terminal line of a step: the objective's ``headline``, then speed and balance."""
     mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
-    speed = f"lr {m['lr']:.2e}  grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  MFU {mfu}"
-    if rl:
-        return (
-            f"step {step:5d}  reward {m['reward']:.3f}  accuracy {m['accuracy']:.3f}  kl {m['kl']:.4f}  "
-            f"clip {m['clip_fraction']:.3f}  length {m['response_length']:.1f}  entropy {m['entropy']:.3f}  {speed}"
-        )
     heldout = f"  held-out {m['eval_loss']:.4f}" if "eval_loss" in m else ""
     return (
-        f"step {step:5d}  loss {m['loss']:.4f}  lm {m['lm_loss']:.4f}  {speed}  "
-        f"experts max/mean {m['expert_imbalance']:.2f}{heldout}"
+        f"step {step:5d}  {headline}  lr {m['lr']:.2e}  grad {m['grad_norm']:.2f}  {m['tokens_per_s']:,.0f} tok/s  "
+        f"MFU {mfu}  experts max/mean {m['expert_imbalance']:.2f}{heldout}"
     )

@@ -71,6 +71,10 @@ class Objective(abc.ABC):
     def work(self, batch: dict, counts: dict[str, float]) -> Work:
         """Tokens and FLOPs of the step, all ranks together."""
 
+    def headline(self, figures: dict[str, float]) -> str:
+        """The step's figures as the terminal line shows them first."""
+        return f"loss {figures['loss']:.4f}"
+
 
 class Forward:
     """The model called under autocast (nothing when ``dtype`` is None: float32)."""
