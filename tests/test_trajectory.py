@@ -18,12 +18,19 @@ def test_reference_runs_keep_their_recorded_trajectory(now, name):
     records = json.loads(RECORDS.read_text())
     recorded = records.get(cpu_key())
     if recorded is None:
-        # another CPU computes other low bits: the first step (same weights, same batch) agrees closely
-        recorded = next(iter(records.values()))[name]["steps"][0]
-        first = now[name]["steps"][0]
-        assert first.keys() == recorded.keys()
+        # Another CPU computes other low bits (its vector kernels sum in another order), so
+        # bit-equality is only checked on a recorded CPU (record it: python tests/trajectory.py
+        # record). Here: what does not depend on low bits. The first step (same weights, same
+        # batch) agrees closely; the data every step sees is the same.
+        other = next(iter(records.values()))[name]["steps"]
+        got = now[name]["steps"]
+        assert len(got) == len(other) and got[0].keys() == other[0].keys()
+        if name == "grpo":  # sampled completions may differ: the prompts may not
+            assert got[0]["prompt_tokens"] == other[0]["prompt_tokens"]
+            return
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in other]
         for key in ("loss", "lm_loss"):
-            assert float(first[key]) == pytest.approx(float(recorded[key]), rel=1e-4), key
+            assert float(got[0][key]) == pytest.approx(float(other[0][key]), rel=1e-4), key
         return
     recorded = recorded[name]
     assert len(now[name]["steps"]) == len(recorded["steps"])
