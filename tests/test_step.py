@@ -9,7 +9,7 @@ from conftest import make_args, make_model
 
 from anychip.config import GuardsConfig
 from anychip.device import get_device
-from anychip.guards.base import StepView
+from anychip.guards.base import Action, StepView
 from anychip.guards.sdc import RecomputeAudit
 from anychip.parallel import World
 from anychip.train.lm import NextTokenLoss
@@ -102,7 +102,8 @@ def test_the_recompute_audit_runs_the_steps_objective_and_catches_flaky_compute(
 
     audit = RecomputeAudit(GuardsConfig(audit_interval=2, audit_rows=2), model, CPU, None, Counted(), rank=0)
     view = StepView(2, {"loss": 1.0}, 1.0, data)
-    assert audit.judge(view) is None  # deterministic: bit-equal twice
+    passed = audit.judge(view)  # deterministic: bit-equal twice
+    assert passed.action == Action.GO and passed.metrics == {"audit_max_rel_diff": 0.0}
     assert calls == [2, 2]  # the step's objective, on audit_rows rows, twice
     assert audit.judge(StepView(3, {"loss": 1.0}, 1.0, data)) is None and calls == [2, 2]  # not an audit step
     noise = torch.Generator().manual_seed(0)

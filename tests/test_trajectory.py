@@ -13,6 +13,13 @@ def now(tmp_path_factory):
     return record_all(tmp_path_factory.mktemp("trajectory"))
 
 
+def test_the_ddp_reference_run_audits_every_other_step(now):
+    # the audit passed bit-equal on every audit step (the figure logged is rank 0's; a mismatch on
+    # rank 1 would have rolled the run back, changing the trajectory checked below)
+    assert now["ddp"]["audited"] == [(2, 0.0), (4, 0.0), (6, 0.0)]
+    assert now["sft"]["audited"] == [] and now["grpo"]["audited"] == []  # audit_interval 100: not in 60 steps
+
+
 @pytest.mark.parametrize("name", ["sft", "grpo", "ddp"])
 def test_reference_runs_keep_their_recorded_trajectory(now, name):
     records = json.loads(RECORDS.read_text())

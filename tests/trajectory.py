@@ -65,9 +65,11 @@ def cpu_key() -> str:
 
 def fingerprint(run_dir: Path) -> dict:
     """Per-step losses and the final weights' digest of a finished run."""
-    steps = []
+    steps, audited = [], []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
+        if "audit_max_rel_diff" in m:  # a guard's figure, not the math's
+            audited.append((m["step"], m.pop("audit_max_rel_diff")))
         steps.append({k: repr(v) for k, v in sorted(m.items()) if k not in TIMED and not k.startswith("straggler")})
     weights = load_file(str(run_dir / "final" / "model.safetensors"))
     digest = hashlib.sha256()
@@ -75,7 +77,7 @@ def fingerprint(run_dir: Path) -> dict:
         t = weights[name].contiguous()
         digest.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"steps": steps, "weights": digest.hexdigest()}
+    return {"steps": steps, "weights": digest.hexdigest(), "audited": audited}
 
 
 def run(name: str, root: Path, init: Path | None = None, timeout: float = 900) -> dict:
