@@ -147,24 +147,21 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
     if state.step:
         log.print(f"resumed from the checkpoint of step {state.step}")
     heldout.batches = heldout_batches(cfg, tokenizer, world)
-    references = ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None
-    meter = StepMeter(core, t.seq_len, device, world, amp)
-    boundary = updates_per_rollout(cfg.grpo) if rl else 1
     return Trainer(
-        state,
-        hooks,
-        objective,
-        guards,
-        heartbeat,
-        heldout,
-        meter,
-        preemption,
-        references,
-        t,
-        t.steps,
-        boundary,
-        micro,
-        amp,
+        state=state,
+        hooks=hooks,
+        objective=objective,
+        guards=guards,
+        heartbeat=heartbeat,
+        heldout=heldout,
+        meter=StepMeter(core, device, world, amp),
+        preemption=preemption,
+        references=ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None,
+        schedule=t,
+        steps=t.steps,
+        boundary=updates_per_rollout(cfg.grpo) if rl else 1,
+        micro=micro,
+        amp=amp,
     )
 
 

@@ -12,7 +12,7 @@ from .step import Work
 
 
 class StepMeter:
-    def __init__(self, core, seq_len: int, device, world, amp):
+    def __init__(self, core, device, world, amp):
         self.device, self.world = device, world
         self.peak = device.peak_flops(amp or torch.float32)
         self.moe_names = core.moe_layer_names()
