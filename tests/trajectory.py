@@ -8,7 +8,7 @@ these bit-identical on the CPU they were recorded on (``tests/test_trajectory.py
 
 The runs are the ``anychip`` command line itself:
     sft   anychip train --set train.steps=60 (the tiny preset; the final evaluation skipped)
-    grpo  anychip grpo --init <the sft run> --set train.steps=24
+    grpo  anychip grpo --init <the sft run> --set train.steps=24 (8 prompts x 8 completions a step)
     ddp   anychip train with 2 processes (DDP), the recompute audit every other step
 """
 
@@ -31,7 +31,17 @@ TIMED = {"step", "time", "step_time", "tokens_per_s", "mfu", "memory_peak_gb", "
 QUIET = ["--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "eval.n=0"]
 RUNS = {
     "sft": ["train", "--set", "train.steps=60"],
-    "grpo": ["grpo", "--set", "train.steps=24", "--set", "checkpoint.interval=12"],
+    "grpo": [
+        "grpo",
+        "--set",
+        "train.steps=24",
+        "--set",
+        "checkpoint.interval=12",
+        "--set",
+        "grpo.prompts_per_step=8",  # x group_size 8: 64 completions a step (the demo samples 128)
+        "--set",
+        "grpo.max_new_tokens=64",
+    ],
     "ddp": [
         "train",
         "--nproc",
@@ -106,7 +116,7 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             result = record_all(Path(tmp))
         records = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
-        records[cpu_key()] = result
+        records[cpu_key()] = {name: {k: v for k, v in run.items() if k != "audited"} for name, run in result.items()}
         RECORDS.write_text(json.dumps(records, indent=1) + "\n")
         print(f"recorded for {cpu_key()} in {RECORDS}")
     else:
