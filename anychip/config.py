@@ -40,6 +40,7 @@ from .data.loader import MODES as TOKEN_MODES
 from .device import NAMES as DEVICE_NAMES
 from .errors import ConfigError
 from .models.deepseek.args import SHAPE_FREE, ModelArgs
+from .models.deepseek.parallelize import ACTIVATION_CHECKPOINT
 from .models.deepseek.presets import PRESETS
 from .rl.losses import LEVELS, LOSS_TYPES, SCALES
 
@@ -162,6 +163,9 @@ class TrainConfig:
     """Max global gradient norm; 0 = off."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Autocast dtype; auto = the device's low-precision dtype on accelerators, float32 on CPU."""
+    activation_checkpoint: Literal[ACTIVATION_CHECKPOINT] = "none"
+    """Recompute activations in the backward pass: none | block (keep each block's input only) |
+    selective (keep matmul outputs, recompute the cheap ops); the losses do not change."""
     log_interval: Annotated[int, Range(gt=0)] = 10
     """Steps between metric log lines."""
 

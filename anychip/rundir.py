@@ -31,6 +31,7 @@ RESUMABLE = (
     "train.warmup_steps",
     "train.global_batch",
     "train.micro_batch",
+    "train.activation_checkpoint",
     "train.log_interval",
     "parallel.",
     "device.",

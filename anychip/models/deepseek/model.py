@@ -265,13 +265,15 @@ class Gate(nn.Module):
         return weights * a.routed_scaling_factor, indices, scores
 
 
-def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """torch's grouped GEMM exists on some devices and dtypes only: probe once (forward
-    and backward; with autograd on even when the first MoE forward runs under no_grad)."""
+    and backward; with autograd on even when the first MoE forward runs under no_grad, and
+    with saved-tensor hooks of its own, so that an activation checkpoint around the first
+    forward does not see the probe's tensors)."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
                 x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
                 w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
                 offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
@@ -281,6 +283,10 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         except Exception:  # not implemented for this device/dtype: use the loop
             _GROUPED_MM_OK[key] = False
     return _GROUPED_MM_OK[key]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -298,7 +304,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
     """x [T, in] sorted by expert, w [E, out, in], counts [E] -> [T, out]: x_e @ w_e^T per expert."""
     w = w.to(x.dtype)  # as F.linear under autocast: compute in the activations' dtype
     aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
-    if _USE_GROUPED_MM and aligned and _grouped_mm_works(x.device, x.dtype):
+    if _USE_GROUPED_MM and aligned and grouped_mm_works(x.device, x.dtype):
         return _contiguous_grad(F.grouped_mm(x, w.transpose(-2, -1), offs=offsets))
     outs = [F.linear(chunk, w[e]) for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
@@ -345,6 +351,7 @@ class MoE(nn.Module):
         )
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.count_loads = True  # False while activation checkpointing recomputes the forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -354,7 +361,8 @@ class MoE(nn.Module):
         counts = torch.bincount(indices.flatten(), minlength=a.n_routed_experts)
         self.balance_loss = None
         if self.training:
-            self.expert_load += counts.detach().to(self.expert_load.dtype)
+            if self.count_loads:
+                self.expert_load += counts.detach().to(self.expert_load.dtype)
             if a.seq_aux_loss_alpha:
                 self.balance_loss = self.sequence_balance_loss(scores, indices, bsz)
         y = self.experts(flat, indices, weights, counts)
