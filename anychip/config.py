@@ -163,6 +163,9 @@ class TrainConfig:
     """Max global gradient norm; 0 = off."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Autocast dtype; auto = the device's low-precision dtype on accelerators, float32 on CPU."""
+    compile: bool = False
+    """Compile each transformer block (torch.compile, in place, after activation checkpointing and
+    before FSDP/DDP); the first steps are slower while it compiles."""
     activation_checkpoint: Literal[ACTIVATION_CHECKPOINT] = "none"
     """Recompute activations in the backward pass: none | block (keep each block's input only) |
     selective (keep matmul outputs, recompute the cheap ops); the losses do not change."""
@@ -713,6 +716,12 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
         for key, hint in keys(type(section)).items():
             if not _is_allowed(getattr(section, key), hint):
                 raise bad(name, key, allowed(hint))
+    if cfg.train.compile and cfg.train.activation_checkpoint != "none":
+        raise bad(
+            "train",
+            "activation_checkpoint",
+            '"none" with train.compile = true (the compiled recomputation would count MoE tokens twice)',
+        )
     t = cfg.train
     if t.global_batch % cfg.parallel.nproc:
         raise bad("train", "global_batch", f"a multiple of parallel.nproc = {cfg.parallel.nproc}")

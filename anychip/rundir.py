@@ -32,6 +32,7 @@ RESUMABLE = (
     "train.global_batch",
     "train.micro_batch",
     "train.activation_checkpoint",
+    "train.compile",
     "train.log_interval",
     "parallel.",
     "device.",

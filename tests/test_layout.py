@@ -88,3 +88,24 @@ def test_a_run_with_block_checkpointing_logs_the_same_losses(tmp_path):
     assert losses["block"] == losses["none"] and len(losses["none"]) == 3
     saved = json.loads(json.dumps(load_config(tmp_path / "block" / "config.toml").to_dict()))
     assert saved["train"]["activation_checkpoint"] == "block"
+
+
+def test_compile_changes_the_losses_by_less_than_1e_5(tmp_path):
+    sets = ["train.steps=3", "train.global_batch=4", "train.seq_len=48", "model.preset=debug", "eval.n=0"]
+    sets += ["checkpoint.interval=0", "log.tensorboard=false", "log.progress=false", "device.type=cpu"]
+    runs = {}
+    for compiled in ("false", "true"):
+        train(load_config(None, [*sets, f"train.compile={compiled}"]), tmp_path / compiled)
+        runs[compiled] = read_jsonl(tmp_path / compiled / "metrics.jsonl")
+    assert len(runs["true"]) == len(runs["false"]) == 3
+    for eager, compiled in zip(runs["false"], runs["true"]):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-5), (eager["step"], key)
+        assert compiled["expert_imbalance"] == eager["expert_imbalance"]  # the same routing
+
+
+def test_compile_with_activation_checkpointing_is_refused():
+    from anychip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.activation_checkpoint = 'block'.*train.compile = true"):
+        load_config(None, ["train.compile=true", "train.activation_checkpoint=block"])

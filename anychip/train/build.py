@@ -2,7 +2,7 @@
 numbers, so it is part of the run's trajectory):
 
     seed -> tokenizer -> model (random init or model.init_from) -> [GRPO: freeze MTP, reference]
-    -> activation checkpointing -> FSDP2/DDP -> AdamW -> data (token batches, or GRPO rollouts) -> run_start event
+    -> activation checkpointing -> compile -> FSDP2/DDP -> AdamW -> data (token batches, or GRPO rollouts) -> run_start event
     -> objective -> checkpointer -> guards and the hang watchdog -> chaos
     -> resume from the newest checkpoint -> held-out loss batches
 
@@ -32,7 +32,7 @@ from ..guards.heartbeat import Heartbeat
 from ..guards.setup import Guards, build_guards
 from ..models import DeepSeekV3, count_parameters
 from ..models.deepseek.args import SHAPE_FREE
-from ..models.deepseek.parallelize import apply_activation_checkpointing
+from ..models.deepseek.parallelize import apply_activation_checkpointing, apply_compile
 from ..models.hf import remove_save_leftovers
 from ..parallel import World, parallelize, unwrap
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
@@ -83,8 +83,9 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
     if rl:
         prepare_policy(model)
         ref = make_reference(model) if cfg.grpo.beta else None
-    # the layout, outside the model and in this order: activation checkpointing, then data parallelism
+    # the layout, outside the model and in this order: activation checkpointing, compile, data parallelism
     apply_activation_checkpointing(model, t.activation_checkpoint)
+    apply_compile(model, t.compile)
     model = parallelize(model, world, cfg.parallel.strategy)
     optimizer = build_optimizer(model, t, device)
     state = TrainState(run_dir, device, world, model, optimizer, None, log, tokenizer, ref_model=ref)

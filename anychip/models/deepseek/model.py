@@ -303,11 +303,60 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [T, in] sorted by expert, w [E, out, in], counts [E] -> [T, out]: x_e @ w_e^T per expert."""
     w = w.to(x.dtype)  # as F.linear under autocast: compute in the activations' dtype
+    if torch.compiler.is_compiling():  # one opaque op: the compiler cannot trace grouped_mm in float32
+        return compiled_grouped_linear(x, w, counts, offsets)
     aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
     if _USE_GROUPED_MM and aligned and grouped_mm_works(x.device, x.dtype):
         return _contiguous_grad(F.grouped_mm(x, w.transpose(-2, -1), offs=offsets))
     outs = [F.linear(chunk, w[e]) for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+@torch.library.custom_op("anychip::grouped_linear", mutates_args=())
+def compiled_grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """``grouped_linear`` as one operator for torch.compile (which runs it as it is)."""
+    return grouped_linear(x, w, counts, offsets)
+
+
+@compiled_grouped_linear.register_fake
+def _grouped_linear_shape(x, w, counts, offsets):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("anychip::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dx_e = g_e w_e and dL/dw_e = g_e^T x_e per expert."""
+    grad_x, grad_w = torch.empty_like(x), torch.zeros_like(w)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        g = grad[start : start + n]
+        grad_x[start : start + n] = g @ w[e]
+        grad_w[e] = g.t() @ x[start : start + n]
+        start += n
+    return grad_x, grad_w
+
+
+@grouped_linear_backward.register_fake
+def _grouped_linear_backward_shape(grad, x, w, counts):
+    return x.new_empty(x.shape), w.new_empty(w.shape)
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    x, w, counts, _ = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _grouped_linear_grad(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    grad_x, grad_w = grouped_linear_backward(grad.contiguous(), x, w, counts)
+    return grad_x, grad_w, None, None
+
+
+compiled_grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
 
 
 class RoutedExperts(nn.Module):

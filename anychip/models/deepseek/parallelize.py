@@ -1,5 +1,13 @@
 """How DeepSeekV3 is laid out for training, applied outside the model in a fixed order
-(torchtitan's): activation checkpointing, then data parallelism (``anychip.parallel``).
+(torchtitan's): activation checkpointing, then compile, then data parallelism
+(``anychip.parallel``).
+
+Compile (``train.compile``): each transformer block is compiled in place
+(``nn.Module.compile``: names unchanged) with torch.compile's default backend (inductor
+on CPU and CUDA; any device torch.compile supports). The routed experts' grouped GEMM is
+one opaque operator to the compiler (``anychip::grouped_linear``). Compile together with
+activation checkpointing is refused for now: the compiled recomputation counts the MoE
+tokens a second time (measured), which would bias the balancing update.
 
 Activation checkpointing (``train.activation_checkpoint``):
 
@@ -49,6 +57,14 @@ def apply_activation_checkpointing(model: DeepSeekV3, mode: str) -> None:
         return
     for block in [*model.layers, *(m.block for m in model.mtp)]:
         block.forward = functools.partial(_checkpointed, block, type(block).forward.__get__(block), mode)
+
+
+def apply_compile(model: DeepSeekV3, enabled: bool) -> None:
+    """Compile every transformer block of ``model`` in place (the MTP modules' blocks too)."""
+    if not enabled:
+        return
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        block.compile()
 
 
 def _checkpointed(block: Block, forward, mode: str, *args, **kwargs):

@@ -1,0 +1,68 @@
+"""Training tokens per second of the layouts anychip can apply, side by side on this
+machine, for the `tiny` model (16 x 128 tokens a step, float32):
+
+    eager                     one process, no layout option
+    compile                   train.compile = true (each block, inductor)
+    checkpoint block          train.activation_checkpoint = "block"
+    checkpoint selective      train.activation_checkpoint = "selective"
+
+Each variant is an `anychip train` run of --steps steps; the figure is the median step time
+after --warmup steps (compilation happens in the first steps), reported as tokens/s and as a
+ratio to eager. Runs alternate (eager, compile, ..., eager, compile, ...) --reps times.
+
+    python bench/parallel.py [--steps 40] [--warmup 10] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VARIANTS = {
+    "eager": [],
+    "compile": ["train.compile=true"],
+    "checkpoint block": ["train.activation_checkpoint=block"],
+    "checkpoint selective": ["train.activation_checkpoint=selective"],
+}
+
+
+def run(sets: list[str], steps: int, warmup: int, run_dir: Path) -> float:
+    base = [f"train.steps={steps}", "eval.n=0", "eval.interval=0", "checkpoint.interval=0", "log.tensorboard=false"]
+    base += ["log.progress=false", "guards.audit_interval=0"]
+    argv = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
+    for item in base + sets:
+        argv += ["--set", item]
+    subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "ANYCHIP_DEVICE": "cpu"})
+    times = [json.loads(line)["step_time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(times[warmup:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2)
+    a = p.parse_args()
+    tokens = 16 * 128
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(a.reps):
+            for name, sets in VARIANTS.items():
+                step = run(sets, a.steps, a.warmup, Path(tmp) / f"{name.replace(' ', '_')}-{rep}")
+                times[name].append(step)
+                print(f"  {name:<22} rep {rep}: {tokens / step:8.0f} tokens/s", flush=True)
+    eager = statistics.median(times["eager"])
+    print(f"tiny, 16 x 128 tokens a step, float32, {os.cpu_count()} CPU threads; medians over {a.reps} runs:")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        print(f"  {name:<22} {tokens / t:8.0f} tokens/s   {eager / t:5.2f}x eager")
+
+
+if __name__ == "__main__":
+    main()
