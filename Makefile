@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/guards.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/parallel.py
 
 soak: setup
 	$(BIN)/python bench/chaos_soak.py
