@@ -50,7 +50,8 @@ def test_an_unknown_mode_is_refused():
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
+from anychip.device import get_device
 from anychip.models import DeepSeekV3, preset
 from anychip.models.deepseek.parallelize import apply_activation_checkpointing
 torch.set_num_threads(1)
@@ -59,23 +60,25 @@ model = DeepSeekV3(args)
 model.init_weights(seed=0)
 apply_activation_checkpointing(model, sys.argv[1])
 x = torch.randint(0, args.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cpu = get_device("cpu")
+before = cpu.memory_stats()["peak_allocated"]
 model(x, labels=x.roll(-1, 1), reduction="sum").lm_loss.backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print((cpu.memory_stats()["peak_allocated"] - before) // 1024)
 """
 
 
 def test_checkpointing_lowers_the_measured_peak_memory_of_a_training_step():
-    """Peak resident memory of one forward and backward of `tiny` (16 x 128 tokens), each mode
-    in a fresh process: the growth over the model's own memory is the activations' peak."""
+    """Peak resident memory (the CPU device's ``peak_allocated``: VmHWM) of one forward and
+    backward of `tiny` (16 x 128 tokens), each mode in a fresh process: the growth over the
+    model's own memory is the activations' peak."""
     growth = {}
     for mode in ("none", *MODES):
         p = subprocess.run([sys.executable, "-c", PEAK, mode], capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         growth[mode] = int(p.stdout.split()[-1])  # KiB
-    # measured here: none 346 MB, selective 293 MB, block 246 MB
+    # measured here: none 331 MB, selective 299 MB, block 275 MB
     assert growth["block"] < growth["selective"] < growth["none"], growth
-    assert growth["block"] < 0.85 * growth["none"], growth
+    assert growth["block"] < 0.9 * growth["none"], growth
 
 
 def test_a_run_with_block_checkpointing_logs_the_same_losses(tmp_path):
