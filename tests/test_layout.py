@@ -15,6 +15,17 @@ from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl
 
 MODES = ("block", "selective")
+SHORT_RUN = [
+    "train.steps=3",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "model.preset=debug",
+    "eval.n=0",
+    "checkpoint.interval=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "device.type=cpu",
+]
 
 
 def step(mode: str):
@@ -82,11 +93,9 @@ def test_checkpointing_lowers_the_measured_peak_memory_of_a_training_step():
 
 
 def test_a_run_with_block_checkpointing_logs_the_same_losses(tmp_path):
-    sets = ["train.steps=3", "train.global_batch=4", "train.seq_len=48", "model.preset=debug", "eval.n=0"]
-    sets += ["checkpoint.interval=0", "log.tensorboard=false", "log.progress=false", "device.type=cpu"]
     losses = {}
     for mode in ("none", "block"):
-        train(load_config(None, [*sets, f"train.activation_checkpoint={mode}"]), tmp_path / mode)
+        train(load_config(None, [*SHORT_RUN, f"train.activation_checkpoint={mode}"]), tmp_path / mode)
         losses[mode] = [(m["loss"], m["grad_norm"]) for m in read_jsonl(tmp_path / mode / "metrics.jsonl")]
     assert losses["block"] == losses["none"] and len(losses["none"]) == 3
     saved = json.loads(json.dumps(load_config(tmp_path / "block" / "config.toml").to_dict()))
@@ -94,11 +103,9 @@ def test_a_run_with_block_checkpointing_logs_the_same_losses(tmp_path):
 
 
 def test_compile_changes_the_losses_by_less_than_1e_5(tmp_path):
-    sets = ["train.steps=3", "train.global_batch=4", "train.seq_len=48", "model.preset=debug", "eval.n=0"]
-    sets += ["checkpoint.interval=0", "log.tensorboard=false", "log.progress=false", "device.type=cpu"]
     runs = {}
     for compiled in ("false", "true"):
-        train(load_config(None, [*sets, f"train.compile={compiled}"]), tmp_path / compiled)
+        train(load_config(None, [*SHORT_RUN, f"train.compile={compiled}"]), tmp_path / compiled)
         runs[compiled] = read_jsonl(tmp_path / compiled / "metrics.jsonl")
     assert len(runs["true"]) == len(runs["false"]) == 3
     for eager, compiled in zip(runs["false"], runs["true"]):

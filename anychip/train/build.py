@@ -59,8 +59,7 @@ class Trainer:
     meter: StepMeter
     preemption: Preemption
     references: ReferenceResets | None  # GRPO with a reference policy
-    schedule: TrainConfig  # the learning-rate schedule and gradient clipping
-    steps: int  # the run's last step
+    schedule: TrainConfig  # the learning-rate schedule, gradient clipping and the last step
     boundary: int  # a run may stop (and resume exactly) only after a multiple of this many steps
     micro: int  # sequences per forward pass and rank; 0: the whole batch
     amp: torch.dtype | None  # autocast dtype; None: float32
@@ -162,7 +161,6 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
         preemption=preemption,
         references=ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None,
         schedule=t,
-        steps=t.steps,
         boundary=updates_per_rollout(cfg.grpo) if rl else 1,
         micro=micro,
         amp=amp,

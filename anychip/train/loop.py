@@ -75,7 +75,7 @@ def run(trainer: Trainer) -> float | None:
     trainer.guards.started(state.step)
     hooks("on_start", state)
     t_start = time.perf_counter()
-    while state.step < trainer.steps:
+    while state.step < trainer.schedule.steps:
         applied = train_step(trainer)
         if applied and state.step % trainer.boundary == 0 and stop_requested(trainer):
             preempt(trainer)
@@ -126,7 +126,7 @@ def train_step(trainer: Trainer) -> bool:
     trainer.guards.completed(view, metrics, agreement)
     hooks("after_step", state)
     log.advance(step, f"loss {state.figures['loss']:.3f}")
-    if step % log.log_interval == 0 or step == 1 or step == trainer.steps:
+    if step % log.log_interval == 0 or step == 1 or step == trainer.schedule.steps:
         log.print(console_line(step, trainer.objective.headline(metrics), metrics))
     return True
 

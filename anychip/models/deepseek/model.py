@@ -267,13 +267,12 @@ class Gate(nn.Module):
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """torch's grouped GEMM exists on some devices and dtypes only: probe once (forward
-    and backward; with autograd on even when the first MoE forward runs under no_grad, and
-    with saved-tensor hooks of its own, so that an activation checkpoint around the first
-    forward does not see the probe's tensors)."""
+    and backward; with autograd on even when the first MoE forward runs under no_grad). An
+    activation checkpoint must not wrap the first call: parallelize.py probes before it."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            with torch.enable_grad():
                 x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
                 w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
                 offs = torch.tensor([1, 4], device=device, dtype=torch.int32)
@@ -283,10 +282,6 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         except Exception:  # not implemented for this device/dtype: use the loop
             _GROUPED_MM_OK[key] = False
     return _GROUPED_MM_OK[key]
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
