@@ -24,6 +24,7 @@ import functools
 import hashlib
 import inspect
 import math
+import os
 import re
 import sys
 import textwrap
@@ -219,6 +220,13 @@ class ParallelConfig:
     """Failed workers are restarted this many times and resume from the last checkpoint."""
     strategy: Literal["fsdp", "ddp"] = "fsdp"
     """fsdp: FSDP2 fully_shard | ddp: replicas; used when the world size is > 1."""
+    dp_replicate: Annotated[int, Range(gt=0)] = 1
+    """HSDP: groups holding replicas of the model; FSDP2 shards within each group (fsdp only)."""
+    dp_shard: Annotated[int, Range(ge=0)] = 0
+    """Ranks each replica is sharded over; 0 = world size / dp_replicate."""
+    ep: Annotated[int, Range(gt=0)] = 1
+    """Expert parallelism: routed experts split over this many ranks of the shard dimension, tokens sent
+    to them by all-to-all; divides dp_shard and the routed experts (fsdp only)."""
     preempt_grace_s: Annotated[float, Range(gt=0)] = 30.0
     """After SIGTERM/SIGINT every rank checkpoints at the next step boundary and exits 0; SIGKILL after
     this many seconds."""
@@ -747,6 +755,13 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
         _validate_grpo(cfg, bad, check_inputs)
     try:
         args = cfg.model_args()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    from .parallel import plan_layout  # lazy: it imports torch.distributed
+
+    world_size = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))  # a worker knows the real one
+    try:
+        plan_layout(world_size, cfg.parallel, args.n_routed_experts)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     if t.seq_len > args.max_position_embeddings:

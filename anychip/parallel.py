@@ -12,6 +12,54 @@ import torch.distributed as dist
 from torch import nn
 
 from .device import Device
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks are arranged: ``dp_replicate`` x ``dp_shard`` = world size (HSDP:
+    FSDP2 shards within each group of ``dp_shard`` ranks, the groups hold replicas), and
+    the routed experts sharded over ``ep`` ranks borrowed from the shard dimension (each
+    expert then sharded by FSDP over the ``dp_shard / ep`` ranks that hold the same experts)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def __str__(self) -> str:
+        parts = [f"dp_replicate {self.dp_replicate}", f"dp_shard {self.dp_shard}"]
+        return " x ".join(parts) + (f", ep {self.ep}" if self.ep > 1 else "")
+
+
+def plan_layout(world_size: int, parallel, n_routed_experts: int) -> Layout:
+    """The layout ``parallel`` (the ``[parallel]`` section) asks for on ``world_size``
+    ranks; ConfigError naming the numbers when they do not fit together."""
+    r, ep = parallel.dp_replicate, parallel.ep
+    if (r > 1 or ep > 1) and parallel.strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.dp_replicate = {r}, parallel.ep = {ep} need parallel.strategy = 'fsdp' "
+            f"(got {parallel.strategy!r}): HSDP and expert parallelism are built on FSDP2"
+        )
+    if world_size % r:
+        raise ConfigError(f"parallel.dp_replicate = {r} does not divide the world size {world_size}")
+    shard = parallel.dp_shard or world_size // r
+    if r * shard != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate x parallel.dp_shard = {r} x {shard} = {r * shard} ranks, "
+            f"but the world size is {world_size}"
+        )
+    if shard % ep:
+        raise ConfigError(
+            f"parallel.ep = {ep} must divide parallel.dp_shard = {shard} "
+            f"(expert parallelism borrows ranks from the shard dimension)"
+        )
+    if n_routed_experts % ep:
+        raise ConfigError(f"parallel.ep = {ep} must divide the model's {n_routed_experts} routed experts")
+    return Layout(r, shard, ep)
 
 
 @dataclass(frozen=True)
@@ -19,7 +67,10 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mesh: object | None = None  # DeviceMesh over the data-parallel ranks
+    mesh: object | None = None  # DeviceMesh the dense parameters are data-parallel over (1-D, or 2-D for HSDP)
+    layout: Layout = Layout()
+    ep_mesh: object | None = None  # 1-D: the ranks that share one token exchange (ep > 1)
+    expert_mesh: object | None = None  # the ranks holding the same experts (FSDP of the experts; ep > 1)
 
     @property
     def is_main(self) -> bool:
@@ -30,12 +81,14 @@ class World:
         return self.world_size > 1
 
 
-def init_world(device: Device, timeout_s: float = 600.0) -> World:
+def init_world(device: Device, timeout_s: float = 600.0, parallel=None, n_routed_experts: int = 1) -> World:
     """Join the process group torchrun / the elastic agent describes in the environment
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a single process needs none."""
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build the DeviceMesh of the
+    layout ``parallel`` asks for (``plan_layout``); a single process needs none."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = plan_layout(world_size, parallel, n_routed_experts) if parallel is not None else Layout(1, world_size)
     device.set_current(local_rank)
     if world_size == 1:
         return World()
@@ -49,8 +102,18 @@ def init_world(device: Device, timeout_s: float = 600.0) -> World:
         dist.init_process_group(device.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    return World(rank, world_size, local_rank, mesh)
+    r, ep = layout.dp_replicate, layout.ep
+    # ranks laid out as [dp_replicate][dp_shard / ep][ep]: an EP group is ep consecutive ranks
+    root = init_device_mesh(
+        device.type, (r, layout.dp_shard // ep, ep), mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep")
+    )
+    root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    mesh = root["dp_replicate", "dp_shard"] if r > 1 else root["dp_shard"]
+    ep_mesh = expert_mesh = None
+    if ep > 1:
+        ep_mesh = root["ep"]
+        expert_mesh = root["dp_replicate", "dp_shard_mod_ep"] if r > 1 else root["dp_shard_mod_ep"]
+    return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh)
 
 
 def close_world(world: World) -> None:
@@ -62,7 +125,10 @@ def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
     """Wrap ``model`` for data parallelism over ``world``; unchanged on one process.
 
     fsdp: FSDP2 ``fully_shard`` on every transformer block and MTP module, then the root
-    (parameters, gradients and optimizer state sharded over ranks).
+    (parameters, gradients and optimizer state sharded over ranks); with
+    ``dp_replicate`` > 1 over a 2-D mesh (HSDP). With ``ep`` > 1 the routed experts are
+    first sharded over the EP ranks (``expert_parallel.py``) and each MoE layer's experts
+    are their own FSDP unit over the ranks that hold the same experts.
     ddp: DistributedDataParallel (replicated parameters, all-reduced gradients).
     """
     if not world.distributed:
@@ -70,6 +136,15 @@ def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        if world.layout.ep > 1:
+            from .models.deepseek.expert_parallel import apply_expert_parallel
+
+            apply_expert_parallel(model, world.ep_mesh)
+            for moe in model.moe_layers():
+                fully_shard(moe.experts, mesh=world.expert_mesh)
+                # an expert's gradient already sums the tokens of its EP group; FSDP sums over
+                # the rest: divide by the world size as for every other parameter
+                moe.experts.set_gradient_divide_factor(float(world.world_size))
         for block in model.layers:
             fully_shard(block, mesh=world.mesh)
         for module in model.mtp:

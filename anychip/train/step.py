@@ -166,7 +166,15 @@ def autocast_dtype(dtype: str, device: Device) -> torch.dtype | None:
 def clip_grad_norm(model, max_norm: float) -> float:
     """Clip the global gradient norm to ``max_norm`` (0: measure only); returns the norm before."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    # expert parallelism: the experts' gradients live on another mesh than the rest's
+    meshes: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        meshes.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = []
+    for group in meshes.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).norm() if norms else torch.tensor(0.0)
+    for group in meshes.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm if max_norm > 0 else float("inf"), total)
+    return float(total)

@@ -369,12 +369,22 @@ class RoutedExperts(nn.Module):
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)
         token = order // k
-        offsets = counts.cumsum(0).to(torch.int32)
-        h = grouped_linear(x[token], self.gate_up_proj, counts, offsets)
-        gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offsets)
+        h = self.ffn(x[token], counts)
         h = (h.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, h)
+
+    def ffn(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [T*K_r, d] sorted by expert, counts [N_r] -> each row through its expert's SwiGLU.
+        Expert parallelism replaces it per instance (``expert_parallel.py``)."""
+        return swiglu_experts(x, self.gate_up_proj, self.down_proj, counts)
+
+
+def swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert, ``counts[e]`` rows for expert e of the stacked weights."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = grouped_linear(x, gate_up, counts, offsets)
+    gate, up = h.chunk(2, dim=-1)
+    return grouped_linear(F.silu(gate) * up, down, counts, offsets)
 
 
 class MoE(nn.Module):
