@@ -730,6 +730,13 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
             "activation_checkpoint",
             '"none" with train.compile = true (the compiled recomputation would count MoE tokens twice)',
         )
+    if cfg.parallel.ep > 1 and cfg.train.activation_checkpoint == "selective":
+        raise bad(
+            "train",
+            "activation_checkpoint",
+            '"none" or "block" with parallel.ep > 1 (selective checkpointing cannot replay the '
+            "token exchange of the experts' own FSDP unit)",
+        )
     t = cfg.train
     if t.global_batch % cfg.parallel.nproc:
         raise bad("train", "global_batch", f"a multiple of parallel.nproc = {cfg.parallel.nproc}")

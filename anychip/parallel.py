@@ -103,16 +103,17 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None, n_routed
     from torch.distributed.device_mesh import init_device_mesh
 
     r, ep = layout.dp_replicate, layout.ep
-    # ranks laid out as [dp_replicate][dp_shard / ep][ep]: an EP group is ep consecutive ranks
-    root = init_device_mesh(
-        device.type, (r, layout.dp_shard // ep, ep), mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep")
-    )
-    root["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    mesh = root["dp_replicate", "dp_shard"] if r > 1 else root["dp_shard"]
+    if r > 1:
+        mesh = init_device_mesh(device.type, (r, layout.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (layout.dp_shard,), mesh_dim_names=("dp_shard",))
     ep_mesh = expert_mesh = None
     if ep > 1:
-        ep_mesh = root["ep"]
-        expert_mesh = root["dp_replicate", "dp_shard_mod_ep"] if r > 1 else root["dp_shard_mod_ep"]
+        # the same ranks as [dp_replicate][dp_shard / ep][ep]: an EP group is ep consecutive ranks
+        names = ("dp_replicate", "dp_shard_mod_ep", "ep")
+        experts = init_device_mesh(device.type, (r, layout.dp_shard // ep, ep), mesh_dim_names=names)
+        ep_mesh = experts["ep"]
+        expert_mesh = experts["dp_replicate", "dp_shard_mod_ep"] if r > 1 else experts["dp_shard_mod_ep"]
     return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh)
 
 

@@ -5,6 +5,13 @@ machine, for the `tiny` model (16 x 128 tokens a step, float32):
     compile                   train.compile = true (each block, inductor)
     checkpoint block          train.activation_checkpoint = "block"
     checkpoint selective      train.activation_checkpoint = "selective"
+    fsdp 2, fsdp 4            FSDP2 over 2 / 4 processes (gloo)
+    ep 2, ep 4                FSDP2 + expert parallelism over 2 / 4 processes
+    hsdp 2x2 + ep 2           2 replicas x 2 shards, experts over the 2 shards
+
+The multi-process layouts share this machine's cores (on 2 cores, 4 processes take turns):
+they show what the layouts cost in communication and bookkeeping here, not what they gain
+on a cluster.
 
 Each variant is an `anychip train` run of --steps steps; the figure is the median step time
 after --warmup steps (compilation happens in the first steps), reported as tokens/s and as a
@@ -24,21 +31,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = {
-    "eager": [],
-    "compile": ["train.compile=true"],
-    "checkpoint block": ["train.activation_checkpoint=block"],
-    "checkpoint selective": ["train.activation_checkpoint=selective"],
+VARIANTS = {  # name: (processes, settings)
+    "eager": (1, []),
+    "compile": (1, ["train.compile=true"]),
+    "checkpoint block": (1, ["train.activation_checkpoint=block"]),
+    "checkpoint selective": (1, ["train.activation_checkpoint=selective"]),
+    "fsdp 2": (2, []),
+    "ep 2": (2, ["parallel.ep=2"]),
+    "fsdp 4": (4, []),
+    "ep 4": (4, ["parallel.ep=4"]),
+    "hsdp 2x2 + ep 2": (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),
 }
 
 
-def run(sets: list[str], steps: int, warmup: int, run_dir: Path) -> float:
+def run(nproc: int, sets: list[str], steps: int, warmup: int, run_dir: Path) -> float:
     base = [f"train.steps={steps}", "eval.n=0", "eval.interval=0", "checkpoint.interval=0", "log.tensorboard=false"]
     base += ["log.progress=false", "guards.audit_interval=0"]
-    argv = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
+    argv = [sys.executable, "-m", "anychip.cli", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
     for item in base + sets:
         argv += ["--set", item]
-    subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "ANYCHIP_DEVICE": "cpu"})
+    env = {**os.environ, "ANYCHIP_DEVICE": "cpu"}
+    if nproc > 1:  # the cores shared out, as torchrun does
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+    # the step time rank 0 logs: every rank waits for the slowest in the step's collectives
     times = [json.loads(line)["step_time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(times[warmup:])
 
@@ -53,8 +69,8 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.reps):
-            for name, sets in VARIANTS.items():
-                step = run(sets, a.steps, a.warmup, Path(tmp) / f"{name.replace(' ', '_')}-{rep}")
+            for name, (nproc, sets) in VARIANTS.items():
+                step = run(nproc, sets, a.steps, a.warmup, Path(tmp) / f"{name.replace(' ', '_')}-{rep}")
                 times[name].append(step)
                 print(f"  {name:<22} rep {rep}: {tokens / step:8.0f} tokens/s", flush=True)
     eager = statistics.median(times["eager"])

@@ -253,6 +253,9 @@ def _log_start(cfg: Config, state: TrainState) -> None:
         device_name=device.name(),
         world_size=world.world_size,
         strategy=cfg.parallel.strategy if world.distributed else "none",
+        dp_replicate=world.layout.dp_replicate,
+        dp_shard=world.layout.dp_shard,
+        ep=world.layout.ep,
         torch=torch.__version__,
         python=platform.python_version(),
         parameters=total,
@@ -274,9 +277,18 @@ def _log_start(cfg: Config, state: TrainState) -> None:
     where = ",".join(cfg.data.tasks) if cfg.data.source == "reasoning_gym" else cfg.data.path
     log.print(
         f"anychip train: {cfg.model.preset} ({total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active) on "
-        f"{world.world_size} x {device.type} ({device.name()}), {cfg.train.mode} on {cfg.data.source}:{where}"
+        f"{world.world_size} x {device.type} ({device.name()}{_layout_words(cfg, world)}), "
+        f"{cfg.train.mode} on {cfg.data.source}:{where}"
         f" -> {escape(str(run_dir))}"
     )
+
+
+def _layout_words(cfg: Config, world: World) -> str:
+    if not world.distributed:
+        return ""
+    if cfg.parallel.strategy == "ddp":
+        return "; ddp"
+    return f"; fsdp {world.layout}"
 
 
 def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
