@@ -181,6 +181,7 @@ class Checkpointer:
             "config_digest": self.run.digest,
             "model_shape": {k: v for k, v in asdict(args).items() if k not in SHAPE_FREE},
             "world_size": self.world.world_size,
+            "layout": asdict(self.world.layout),  # informative: any layout loads it
             "device": self.state.device.type,
             "optimizer_empty": not self.state.optimizer.state,
             "time": time.time(),
