@@ -737,6 +737,7 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
             '"none" or "block" with parallel.ep > 1 (selective checkpointing cannot replay the '
             "token exchange of the experts' own FSDP unit)",
         )
+    n_experts = None
     t = cfg.train
     if t.global_batch % cfg.parallel.nproc:
         raise bad("train", "global_batch", f"a multiple of parallel.nproc = {cfg.parallel.nproc}")
@@ -751,6 +752,7 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{source}: model.init_from: {e}") from None
         shape = init_shape(kind, path)
+        n_experts = shape.get("n_routed_experts")  # the shapes come from that model
         for key, value in cfg.model.overrides.items():  # the shapes come from that model
             if key not in SHAPE_FREE and key in shape and shape[key] != value:
                 raise ConfigError(
@@ -764,13 +766,14 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
         args = cfg.model_args()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    from .parallel import plan_layout  # lazy: it imports torch.distributed
+    if check_inputs:  # the config of a run to be started here (not one read to export or init from)
+        from .parallel import plan_layout  # lazy: it imports torch.distributed
 
-    world_size = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))  # a worker knows the real one
-    try:
-        plan_layout(world_size, cfg.parallel, args.n_routed_experts)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        world_size = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))  # a worker knows the real one
+        try:
+            plan_layout(world_size, cfg.parallel, n_experts or args.n_routed_experts)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if t.seq_len > args.max_position_embeddings:
         raise bad("train", "seq_len", f"<= model max_position_embeddings = {args.max_position_embeddings}")
     if cfg.data.source == "reasoning_gym":

@@ -35,10 +35,16 @@ class Layout:
         return " x ".join(parts) + (f", ep {self.ep}" if self.ep > 1 else "")
 
 
-def plan_layout(world_size: int, parallel, n_routed_experts: int) -> Layout:
+def plan_layout(world_size: int, parallel, n_routed_experts: int | None = None) -> Layout:
     """The layout ``parallel`` (the ``[parallel]`` section) asks for on ``world_size``
-    ranks; ConfigError naming the numbers when they do not fit together."""
+    ranks; ConfigError naming the numbers when they do not fit together (the experts
+    checked when their number is given)."""
     r, ep = parallel.dp_replicate, parallel.ep
+    if (r > 1 or ep > 1) and world_size == 1:
+        raise ConfigError(
+            f"parallel.dp_replicate = {r}, parallel.ep = {ep} need several processes; the world size is 1 "
+            "(anychip train --nproc N, or torchrun)"
+        )
     if (r > 1 or ep > 1) and parallel.strategy != "fsdp":
         raise ConfigError(
             f"parallel.dp_replicate = {r}, parallel.ep = {ep} need parallel.strategy = 'fsdp' "
@@ -57,7 +63,7 @@ def plan_layout(world_size: int, parallel, n_routed_experts: int) -> Layout:
             f"parallel.ep = {ep} must divide parallel.dp_shard = {shard} "
             f"(expert parallelism borrows ranks from the shard dimension)"
         )
-    if n_routed_experts % ep:
+    if n_routed_experts is not None and n_routed_experts % ep:
         raise ConfigError(f"parallel.ep = {ep} must divide the model's {n_routed_experts} routed experts")
     return Layout(r, shard, ep)
 
@@ -81,14 +87,14 @@ class World:
         return self.world_size > 1
 
 
-def init_world(device: Device, timeout_s: float = 600.0, parallel=None, n_routed_experts: int = 1) -> World:
+def init_world(device: Device, timeout_s: float = 600.0, parallel=None) -> World:
     """Join the process group torchrun / the elastic agent describes in the environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build the DeviceMesh of the
     layout ``parallel`` asks for (``plan_layout``); a single process needs none."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    layout = plan_layout(world_size, parallel, n_routed_experts) if parallel is not None else Layout(1, world_size)
+    layout = plan_layout(world_size, parallel) if parallel is not None else Layout(1, world_size)
     device.set_current(local_rank)
     if world_size == 1:
         return World()
@@ -146,6 +152,9 @@ def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
                 # an expert's gradient already sums the tokens of its EP group; FSDP sums over
                 # the rest: divide by the world size as for every other parameter
                 moe.experts.set_gradient_divide_factor(float(world.world_size))
+                # sum, then divide: a divide factor other than the group size would otherwise ask
+                # for a pre-multiplied sum, which gloo does not have
+                moe.experts.set_force_sum_reduction_for_comms(True)
         for block in model.layers:
             fully_shard(block, mesh=world.mesh)
         for module in model.mtp:

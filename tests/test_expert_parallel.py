@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
 
 from anychip.config import load_config
-from anychip.dcp_reader import read_metadata
 from anychip.errors import ConfigError
 from anychip.export import checkpoint_model, export
 from anychip.train.runlog import read_jsonl as lines
@@ -42,9 +44,9 @@ LAYOUTS = {  # name: (processes, settings)
     "one": (1, []),
     "ep2": (2, ["parallel.ep=2"]),
     "ep4": (4, ["parallel.ep=4"]),
+    "ep2_of_4": (4, ["parallel.ep=2"]),  # each EP rank's experts also FSDP-sharded over 2 ranks
     "hsdp_ep2": (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),
 }
-EXPERT_PARAM = "layers.1.mlp.experts.gate_up_proj"
 
 
 def cli(run: Path, nproc: int, sets: list[str], resume: bool = False) -> None:
@@ -73,16 +75,14 @@ def biases(run: Path, step: int) -> list[torch.Tensor]:
     return [m.gate.e_score_correction_bias for m in model.moe_layers()]
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep4", "hsdp_ep2"])
+# the (world size, dp_replicate, dp_shard, ep) each run must have started with
+STARTED = {"ep2": (2, 1, 2, 2), "ep4": (4, 1, 4, 4), "ep2_of_4": (4, 1, 4, 2), "hsdp_ep2": (4, 2, 2, 2)}
+
+
+@pytest.mark.parametrize("layout", STARTED)
 def test_a_layout_trains_as_one_process_does(runs, layout):
     start = next(e for e in lines(runs[layout] / "events.jsonl") if e["event"] == "run_start")
-    nproc, _ = LAYOUTS[layout]
-    replicate = 2 if layout == "hsdp_ep2" else 1
-    assert (start["world_size"], start["dp_replicate"], start["ep"]) == (
-        nproc,
-        replicate,
-        2 if replicate == 2 else nproc,
-    )
+    assert tuple(start[k] for k in ("world_size", "dp_replicate", "dp_shard", "ep")) == STARTED[layout]
     ref, got = metrics(runs["one"]), metrics(runs[layout])
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in ref:
@@ -93,25 +93,66 @@ def test_a_layout_trains_as_one_process_does(runs, layout):
         for want, have in zip(biases(runs["one"], step), biases(runs[layout], step), strict=True):
             assert want.abs().sum() > 0
             assert torch.equal(want, have)
+    # the final model, gathered from the layout's shards and saved in Hugging Face form
+    want, have = (
+        load_file(runs["one"] / "final" / "model.safetensors"),
+        load_file(runs[layout] / "final" / "model.safetensors"),
+    )
+    assert sorted(have) == sorted(want)
+    for name, t in want.items():
+        torch.testing.assert_close(have[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep4", "hsdp_ep2"])
-def test_the_experts_are_written_by_the_ranks_that_hold_them(runs, layout):
-    """The checkpoint holds the stacked experts in blocks of N_r / ep whole experts, one per
-    EP rank: the experts were sharded, not replicated (1 process: one block)."""
-    directory = runs[layout] / "checkpoints" / f"step_{STEPS:08d}"
-    meta = read_metadata(directory).state_dict_metadata[f"model.{EXPERT_PARAM}"]
-    n_experts = meta.size[0]
-    ep = 4 if layout == "ep4" else 2
-    assert sorted(c.offsets[0] for c in meta.chunks) == [i * n_experts // ep for i in range(ep)]
-    for c in meta.chunks:
-        assert c.sizes[0] == n_experts // ep and tuple(c.sizes[1:]) == tuple(meta.size[1:])
-        assert tuple(c.offsets[1:]) == (0,) * (len(meta.size) - 1)
-    one = read_metadata(runs["one"] / "checkpoints" / f"step_{STEPS:08d}").state_dict_metadata
-    assert [tuple(c.sizes) for c in one[f"model.{EXPERT_PARAM}"].chunks] == [tuple(meta.size)]
+def _dispatch_worker(rank: int, init_file: str, fallback: bool) -> None:
+    from conftest import make_args, make_model
+
+    import anychip.models.deepseek.model as model_module
+    from anychip.models.deepseek.expert_parallel import apply_expert_parallel
+
+    torch.set_num_threads(1)
+    model_module._USE_GROUPED_MM = not fallback
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = make_model(make_args())  # the same weights on both ranks
+        moe = model.layers[1].mlp
+        with torch.no_grad():  # every token of both ranks chooses among experts 0-3 (rank 0's)
+            moe.gate.e_score_correction_bias[4:] = -1e3
+        x = torch.randn(2, 5, model.args.hidden_size, generator=torch.Generator().manual_seed(rank))
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + rank))
+
+        def forward_backward():
+            xi = x.clone().requires_grad_(True)
+            y = moe(xi)
+            (y * g).sum().backward()
+            w = moe.experts.gate_up_proj
+            grad = w.grad.to_local() if hasattr(w.grad, "to_local") else w.grad
+            w.grad = None
+            moe.experts.down_proj.grad = None
+            return y.detach(), xi.grad, grad
+
+        y_ref, gx_ref, gw_ref = forward_backward()  # this rank's tokens through all 8 local experts
+        dist.all_reduce(gw_ref)  # an expert's gradient sums the tokens of both ranks
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+        apply_expert_parallel(model, mesh)
+        assert moe.experts.gate_up_proj.to_local().shape[0] == 4  # this rank holds 4 of the 8
+        y, gx, gw = forward_backward()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gw, gw_ref[4 * rank : 4 * rank + 4], rtol=1e-5, atol=1e-6)
+        if rank == 1:  # it received no row, and its experts no gradient
+            assert gw.abs().sum() == 0
+    finally:
+        dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layout", ["ep2", "ep4", "hsdp_ep2"])
+@pytest.mark.parametrize("fallback", [False, True], ids=["grouped_mm", "per-expert loop"])
+def test_the_dispatch_computes_what_one_process_does_even_for_a_rank_without_tokens(tmp_path, fallback):
+    """Two ranks, each holding 4 of 8 experts; every token goes to rank 0's experts: outputs and
+    gradients equal the computation without expert parallelism, and nobody waits forever."""
+    mp.start_processes(_dispatch_worker, args=(str(tmp_path / "init"), fallback), nprocs=2, start_method="spawn")
+
+
+@pytest.mark.parametrize("layout", STARTED)
 def test_export_of_any_layout_gives_the_same_hugging_face_files(runs, layout, tmp_path):
     ref = export(runs["one"], tmp_path / "one", step=STEPS)
     got = export(runs[layout], tmp_path / layout, step=STEPS)

@@ -42,7 +42,7 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
     run_dir = Path(run_dir)
     hooks = hooks or Hooks()
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
-    world = init_world(device, cfg.guards.collective_timeout_s, cfg.parallel, cfg.model_args().n_routed_experts)
+    world = init_world(device, cfg.guards.collective_timeout_s, cfg.parallel)
     t = cfg.train
     log = RunLog(run_dir, world.is_main, t.steps, cfg.log.tensorboard, cfg.log.progress, t.log_interval)
     preemption = Preemption()

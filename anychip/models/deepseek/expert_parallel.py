@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...errors import ConfigError
 from .model import DeepSeekV3, RoutedExperts, swiglu_experts
 
 
@@ -40,13 +41,14 @@ def apply_expert_parallel(model: DeepSeekV3, ep_mesh) -> None:
         experts = moe.experts
         n = experts.gate_up_proj.shape[0]
         if n % ep:
-            raise ValueError(f"{n} routed experts cannot be split over {ep} expert-parallel ranks")
+            raise ConfigError(f"parallel.ep = {ep} must divide the model's {n} routed experts")
         for name, p in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(p.detach(), ep_mesh, [Shard(0)])
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=p.requires_grad))
         experts.ffn = functools.partial(_dispatched_ffn, experts, ep_mesh.get_group())
 
 
+@torch.compiler.disable  # data-dependent splits and collectives: eager between the compiled parts
 def _dispatched_ffn(experts: RoutedExperts, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``RoutedExperts.ffn`` across the EP group: x [T*K_r, d] sorted by (global) expert,
     counts [N_r] -> the rows through their experts, in x's order."""
@@ -69,10 +71,9 @@ def _dispatched_ffn(experts: RoutedExperts, group, x: torch.Tensor, counts: torc
 def _regroup(received: torch.Tensor) -> torch.Tensor:
     """Row indices that reorder rows arriving as [source][expert] blocks (sizes
     ``received`` [ep, n_local]) into [expert][source] blocks."""
-    sizes = received.flatten().tolist()
-    blocks = torch.arange(sum(sizes), device=received.device).split(sizes)
     ep, n_local = received.shape
-    return torch.cat([blocks[s * n_local + e] for e in range(n_local) for s in range(ep)])
+    block = torch.arange(n_local, device=received.device) * ep + torch.arange(ep, device=received.device)[:, None]
+    return block.flatten().repeat_interleave(received.flatten()).argsort(stable=True)
 
 
 class _AllToAll(torch.autograd.Function):

@@ -304,7 +304,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
     if _USE_GROUPED_MM and aligned and grouped_mm_works(x.device, x.dtype):
         return _contiguous_grad(F.grouped_mm(x, w.transpose(-2, -1), offs=offsets))
     outs = [F.linear(chunk, w[e]) for e, chunk in enumerate(x.split(counts.tolist())) if chunk.shape[0]]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+    # no rows: still an output of x and w (under expert parallelism its peers' backward waits on it)
+    return torch.cat(outs) if outs else F.linear(x, w[0])
 
 
 @torch.library.custom_op("anychip::grouped_linear", mutates_args=())
