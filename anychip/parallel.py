@@ -152,9 +152,11 @@ def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
                 # an expert's gradient already sums the tokens of its EP group; FSDP sums over
                 # the rest: divide by the world size as for every other parameter
                 moe.experts.set_gradient_divide_factor(float(world.world_size))
-                # sum, then divide: a divide factor other than the group size would otherwise ask
-                # for a pre-multiplied sum, which gloo does not have
-                moe.experts.set_force_sum_reduction_for_comms(True)
+                if world.layout.dp_shard > world.layout.ep:
+                    # sum, then divide: a divide factor other than the group size would otherwise
+                    # ask for a pre-multiplied sum, which gloo does not have. Not with a group of
+                    # one, where torch 2.13 would then divide twice (measured)
+                    moe.experts.set_force_sum_reduction_for_comms(True)
         for block in model.layers:
             fully_shard(block, mesh=world.mesh)
         for module in model.mtp:
