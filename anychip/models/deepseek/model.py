@@ -185,7 +185,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(-1, n_h, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        causal = mask is None and (cache is None or cache.pos == 0) and seqlen > 1
+        # no test of seqlen here: one query against one key is the same either way, and under compile
+        # with dynamic shapes the test would be a symbolic bool, which SDPA refuses (a graph break)
+        causal = mask is None and (cache is None or cache.pos == 0)
         if a.v_head_dim < a.qk_head_dim:
             # fused attention kernels want one head size for q, k and v: pad v with zeros, drop after
             v = F.pad(v, (0, a.qk_head_dim - a.v_head_dim))
@@ -413,7 +415,10 @@ class MoE(nn.Module):
         bsz, seqlen, d = x.shape
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=a.n_routed_experts)
+        flat_idx = indices.flatten()  # tokens per expert; a fixed-size scatter (bincount's size depends on the data)
+        counts = torch.zeros(a.n_routed_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx)
+        )
         self.balance_loss = None
         if self.training:
             if self.count_loads:
