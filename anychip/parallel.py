@@ -26,10 +26,6 @@ class Layout:
     dp_shard: int = 1
     ep: int = 1
 
-    @property
-    def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
     def __str__(self) -> str:
         parts = [f"dp_replicate {self.dp_replicate}", f"dp_shard {self.dp_shard}"]
         return " x ".join(parts) + (f", ep {self.ep}" if self.ep > 1 else "")

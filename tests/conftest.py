@@ -11,6 +11,19 @@ from anychip.models import DeepSeekV3, ModelArgs, preset, save_hf
 # Tests use tiny tensors: one thread is fastest and immune to a busy second core.
 torch.set_num_threads(1)
 
+# The short CPU training run the command-line tests start (each adds its steps, batch and checkpoints)
+DEBUG_RUN = [
+    "model.preset=debug",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+]
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # worker processes: one thread each
+
 # Small shapes that still exercise every branch of the architecture (not formatted, marker at the end:
 # 18 small numbers read best as one block).
 BASE = dict(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLI_ENV, DEBUG_RUN
 from safetensors.torch import load_file
 
 from anychip.checkpoint import committed, verify
@@ -22,21 +23,14 @@ from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl as lines
 
 RUN = [
-    "model.preset=debug",
+    *DEBUG_RUN,
     "train.steps=16",
     "train.global_batch=4",
-    "train.seq_len=48",
-    "train.warmup_steps=2",
-    "train.lr=3e-3",
-    "train.mode=pretrain",
-    "eval.n=0",
-    "log.tensorboard=false",
-    "device.type=cpu",
     "checkpoint.interval=4",
     "checkpoint.keep=3",
     "parallel.max_restarts=0",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = CLI_ENV
 
 
 def worker(run_dir: Path, *sets: str) -> subprocess.Popen:

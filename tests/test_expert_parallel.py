@@ -4,7 +4,6 @@ checkpoints resume under another layout and export the same Hugging Face files; 
 combinations that cannot work are config errors naming the numbers."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CLI_ENV, DEBUG_RUN
 from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -23,20 +23,12 @@ from anychip.errors import ConfigError
 from anychip.export import checkpoint_model, export
 from anychip.train.runlog import read_jsonl as lines
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 10
 RUN = [
-    "model.preset=debug",
+    *DEBUG_RUN,
     f"train.steps={STEPS}",
     "train.global_batch=8",
-    "train.seq_len=48",
-    "train.warmup_steps=2",
-    "train.lr=3e-3",
-    "train.mode=pretrain",
-    "eval.n=0",
-    "log.tensorboard=false",
     "log.progress=false",
-    "device.type=cpu",
     "checkpoint.interval=5",
     "parallel.max_restarts=0",
 ]
@@ -54,7 +46,7 @@ def cli(run: Path, nproc: int, sets: list[str], resume: bool = False) -> None:
     args += ["--resume", str(run)] if resume else ["--run-dir", str(run)]
     for s in (*([] if resume else RUN), *sets):
         args += ["--set", s]
-    r = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(args, env=CLI_ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

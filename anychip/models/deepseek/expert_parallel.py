@@ -52,9 +52,9 @@ def apply_expert_parallel(model: DeepSeekV3, ep_mesh) -> None:
 def _dispatched_ffn(experts: RoutedExperts, group, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``RoutedExperts.ffn`` across the EP group: x [T*K_r, d] sorted by (global) expert,
     counts [N_r] -> the rows through their experts, in x's order."""
-    ep = dist.get_world_size(group)
     gate_up, down = experts.gate_up_proj.to_local(), experts.down_proj.to_local()
     n_local = gate_up.shape[0]
+    ep = counts.numel() // n_local
     # how many rows each rank sends to each of this rank's experts: [ep (source), n_local]
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)
