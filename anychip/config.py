@@ -166,7 +166,8 @@ class TrainConfig:
     """Autocast dtype; auto = the device's low-precision dtype on accelerators, float32 on CPU."""
     compile: bool = False
     """Compile each transformer block (torch.compile, in place, after activation checkpointing and
-    before FSDP/DDP); the first steps are slower while it compiles."""
+    before FSDP/DDP; the compiled backward does the recomputation); the first steps are slower
+    while it compiles."""
     activation_checkpoint: Literal[ACTIVATION_CHECKPOINT] = "none"
     """Recompute activations in the backward pass: none | block (keep each block's input only) |
     selective (keep matmul outputs, recompute the cheap ops); the losses do not change."""
@@ -724,19 +725,6 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
         for key, hint in keys(type(section)).items():
             if not _is_allowed(getattr(section, key), hint):
                 raise bad(name, key, allowed(hint))
-    if cfg.train.compile and cfg.train.activation_checkpoint != "none":
-        raise bad(
-            "train",
-            "activation_checkpoint",
-            '"none" with train.compile = true (the compiled recomputation would count MoE tokens twice)',
-        )
-    if cfg.parallel.ep > 1 and cfg.train.activation_checkpoint == "selective":
-        raise bad(
-            "train",
-            "activation_checkpoint",
-            '"none" or "block" with parallel.ep > 1 (selective checkpointing cannot replay the '
-            "token exchange of the experts' own FSDP unit)",
-        )
     n_experts = None
     t = cfg.train
     if t.global_batch % cfg.parallel.nproc:

@@ -5,6 +5,7 @@ machine, for the `tiny` model (16 x 128 tokens a step, float32):
     compile                   train.compile = true (each block, inductor)
     checkpoint block          train.activation_checkpoint = "block"
     checkpoint selective      train.activation_checkpoint = "selective"
+    compile + block, compile + selective    both, in that order (checkpointing, then compile)
     fsdp 2, fsdp 4            FSDP2 over 2 / 4 processes (gloo)
     ep 2, ep 4                FSDP2 + expert parallelism over 2 / 4 processes
     hsdp 2x2 + ep 2           2 replicas x 2 shards, experts over the 2 shards
@@ -17,7 +18,7 @@ Each variant is an `anychip train` run of --steps steps; the figure is the media
 after --warmup steps (compilation happens in the first steps), reported as tokens/s and as a
 ratio to eager. Runs alternate (eager, compile, ..., eager, compile, ...) --reps times.
 
-    python bench/parallel.py [--steps 40] [--warmup 10] [--reps 2]
+    python bench/parallel.py [--steps 40] [--warmup 10] [--reps 2] [--only 'compile,ep 2']
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ VARIANTS = {  # name: (processes, settings)
     "compile": (1, ["train.compile=true"]),
     "checkpoint block": (1, ["train.activation_checkpoint=block"]),
     "checkpoint selective": (1, ["train.activation_checkpoint=selective"]),
+    "compile + block": (1, ["train.compile=true", "train.activation_checkpoint=block"]),
+    "compile + selective": (1, ["train.compile=true", "train.activation_checkpoint=selective"]),
     "fsdp 2": (2, []),
     "ep 2": (2, ["parallel.ep=2"]),
     "fsdp 4": (4, []),
@@ -64,12 +67,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--only", help="comma-separated variant names (eager is always run: the ratios need it)")
     a = p.parse_args()
+    names = (
+        list(VARIANTS) if a.only is None else ["eager", *(n.strip() for n in a.only.split(",") if n.strip() != "eager")]
+    )
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     tokens = 16 * 128
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.reps):
-            for name, (nproc, sets) in VARIANTS.items():
+            for name in names:
+                nproc, sets = VARIANTS[name]
                 step = run(nproc, sets, a.steps, a.warmup, Path(tmp) / f"{name.replace(' ', '_')}-{rep}")
                 times[name].append(step)
                 print(f"  {name:<22} rep {rep}: {tokens / step:8.0f} tokens/s", flush=True)

@@ -39,6 +39,12 @@ LAYOUTS = {  # name: (processes, settings)
     "ep2_of_4": (4, ["parallel.ep=2"]),  # each EP rank's experts also FSDP-sharded over 2 ranks
     "hsdp_ep2": (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),
 }
+# what the layout's own run adds (the whole order: checkpointing, compile, EP, FSDP); the losses must not change.
+# Under ep2_of_4 the experts' FSDP unit all-gathers inside the selectively checkpointed block.
+RUN_ONLY = {
+    "ep2": ["train.activation_checkpoint=block", "train.compile=true"],
+    "ep2_of_4": ["train.activation_checkpoint=selective"],
+}
 
 
 def cli(run: Path, nproc: int, sets: list[str], resume: bool = False) -> None:
@@ -54,7 +60,7 @@ def cli(run: Path, nproc: int, sets: list[str], resume: bool = False) -> None:
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
     for name, (nproc, sets) in LAYOUTS.items():
-        cli(root / name, nproc, sets)
+        cli(root / name, nproc, [*sets, *RUN_ONLY.get(name, [])])
     return {name: root / name for name in LAYOUTS}
 
 
@@ -75,6 +81,9 @@ STARTED = {"ep2": (2, 1, 2, 2), "ep4": (4, 1, 4, 4), "ep2_of_4": (4, 1, 4, 2), "
 def test_a_layout_trains_as_one_process_does(runs, layout):
     start = next(e for e in lines(runs[layout] / "events.jsonl") if e["event"] == "run_start")
     assert tuple(start[k] for k in ("world_size", "dp_replicate", "dp_shard", "ep")) == STARTED[layout]
+    added = dict(s.removeprefix("train.").split("=") for s in RUN_ONLY.get(layout, []))
+    assert start["activation_checkpoint"] == added.get("activation_checkpoint", "none")
+    assert start["compile"] == (added.get("compile") == "true")
     ref, got = metrics(runs["one"]), metrics(runs[layout])
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in ref:
@@ -170,7 +179,8 @@ def test_a_checkpoint_resumes_under_another_layout(runs, saved, resumed, tmp_pat
         "".join(json.dumps(m) + "\n" for m in lines(run / "metrics.jsonl") if m["step"] <= 5)
     )
     nproc, sets = LAYOUTS[resumed]
-    cli(run, nproc, ["parallel.dp_replicate=1", "parallel.ep=1", *sets], resume=True)
+    reset = ["parallel.dp_replicate=1", "parallel.ep=1", "train.compile=false", "train.activation_checkpoint=none"]
+    cli(run, nproc, [*reset, *sets], resume=True)
     load = [e for e in lines(run / "events.jsonl") if e["event"] == "checkpoint_load"][-1]
     assert load["step"] == 5 and load["saved_world_size"] == LAYOUTS[saved][0]
     ref, got = metrics(runs["one"]), metrics(run)
@@ -190,7 +200,6 @@ def test_a_checkpoint_resumes_under_another_layout(runs, saved, resumed, tmp_pat
         (4, ["parallel.dp_replicate=2", "parallel.ep=4"], "parallel.ep = 4 must divide parallel.dp_shard = 2"),
         (4, ["parallel.ep=4", "model.n_routed_experts=6"], "parallel.ep = 4 must divide the model's 6 routed experts"),
         (2, ["parallel.ep=2", "parallel.strategy=ddp"], "parallel.ep = 2 need parallel.strategy = 'fsdp'"),
-        (2, ["parallel.ep=2", "train.activation_checkpoint=selective"], '"none" or "block" with parallel.ep > 1'),
     ],
 )
 def test_a_layout_that_cannot_work_is_a_config_error_naming_the_numbers(nproc, sets, words):

@@ -256,6 +256,8 @@ def _log_start(cfg: Config, state: TrainState) -> None:
         dp_replicate=world.layout.dp_replicate,
         dp_shard=world.layout.dp_shard,
         ep=world.layout.ep,
+        activation_checkpoint=cfg.train.activation_checkpoint,
+        compile=cfg.train.compile,
         torch=torch.__version__,
         python=platform.python_version(),
         parameters=total,

@@ -408,7 +408,9 @@ class MoE(nn.Module):
         )
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
-        self.count_loads = True  # False while activation checkpointing recomputes the forward
+        # this forward's tokens per expert; the model adds them to ``expert_load`` after its own forward,
+        # outside any checkpointed or compiled block, so a recomputation of the block counts nothing twice
+        self.routed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -421,8 +423,7 @@ class MoE(nn.Module):
         )
         self.balance_loss = None
         if self.training:
-            if self.count_loads:
-                self.expert_load += counts.detach().to(self.expert_load.dtype)
+            self.routed = counts
             if a.seq_aux_loss_alpha:
                 self.balance_loss = self.sequence_balance_loss(scores, indices, bsz)
         y = self.experts(flat, indices, weights, counts)
@@ -626,8 +627,18 @@ class DeepSeekV3(nn.Module):
         """input_ids [B, L] -> logits [B, L, vocab]; with ``labels``, the training losses
         (see ``loss``). Going through ``forward`` keeps FSDP/DDP hooks in the path."""
         if labels is not None:
-            return self._loss(input_ids, labels, ignore_index, reduction)
-        return self.lm_head(self.hidden_states(input_ids, cache, attention_mask, positions))
+            out = self._loss(input_ids, labels, ignore_index, reduction)
+        else:
+            out = self.lm_head(self.hidden_states(input_ids, cache, attention_mask, positions))
+        self._count_routed()
+        return out
+
+    @torch.no_grad()
+    def _count_routed(self) -> None:
+        for m in self.moe_layers():
+            if m.routed is not None:
+                m.expert_load += m.routed.to(m.expert_load.dtype)
+                m.routed = None
 
     def loss(self, input_ids, labels, ignore_index: int = -100, reduction: str = "mean") -> LossOutput:
         """Next-token cross-entropy on ``labels`` (already shifted: labels[t] is the token

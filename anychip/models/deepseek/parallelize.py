@@ -5,9 +5,9 @@
 Compile (``train.compile``): each transformer block is compiled in place
 (``nn.Module.compile``: names unchanged) with torch.compile's default backend (inductor
 on CPU and CUDA; any device torch.compile supports). The routed experts' grouped GEMM is
-one opaque operator to the compiler (``anychip::grouped_linear``). Compile together with
-activation checkpointing is refused for now: the compiled recomputation counts the MoE
-tokens a second time (measured), which would bias the balancing update.
+one opaque operator to the compiler (``anychip::grouped_linear``). With activation
+checkpointing the compiler traces the checkpointed block and its backward graph recomputes
+what the checkpoint did not keep.
 
 Activation checkpointing (``train.activation_checkpoint``):
 
@@ -18,20 +18,26 @@ Activation checkpointing (``train.activation_checkpoint``):
                attention) are kept: only the cheap ops (norms, activations, softmax,
                routing) run again. Less memory saved than ``block``, less compute spent.
 
-The recomputed forward does not count its tokens a second time into the MoE layers'
-``expert_load`` (the balancing bias sees each token once), and on CPU it gives
-bit-identical losses and gradients.
+A recomputation cannot count its tokens a second time into the MoE layers' ``expert_load``
+(the balancing bias sees each token once): a block only reports its counts
+(``MoE.routed``), and the model adds them up after its forward, outside every checkpointed
+and compiled region. Eager, on CPU, checkpointing gives bit-identical losses and gradients;
+compiled, they stay within compile's own rounding of the eager ones.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+    checkpoint,
+)
 
-from .model import Block, DeepSeekV3, MoE, grouped_mm_works
+from .model import Block, DeepSeekV3, grouped_mm_works
 
 ACTIVATION_CHECKPOINT = ("none", "block", "selective")
 
@@ -74,40 +80,40 @@ def _checkpointed(block: Block, forward, mode: str, *args, **kwargs):
     grouped_mm_works(x.device, x.dtype)  # its one-time probe runs before, not inside, the checkpointed region
     if torch.is_autocast_enabled(x.device.type):
         grouped_mm_works(x.device, torch.get_autocast_dtype(x.device.type))
-    context = functools.partial(_contexts, block, mode)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+    if mode == "block":
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
 
 
-def _contexts(block: Block, mode: str):
-    """(context of the first forward, context of the recomputation)."""
-    moe = block.mlp if isinstance(block.mlp, MoE) else None
-    if mode == "selective":
-        first, again = create_selective_checkpoint_contexts(_policy)
-    else:
-        first, again = contextlib.nullcontext(), contextlib.nullcontext()
-    return first, _Recomputing(again, moe)
+def _selective_contexts():
+    """(the first forward's dispatch mode, the recomputation's)."""
+    storage = collections.defaultdict(dict)
+    return _Keeping(_policy, storage), _Replaying(None, storage)
 
 
 def _policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return True  # only the saved ops reach it (``_Keeping``)
 
 
-class _Recomputing:
-    """The recomputation's context: ``inner`` (selective checkpointing's cache, or nothing),
-    and the MoE layer does not count its tokens again. Re-entrant: the recomputation may
-    run more than once."""
+# Selective checkpointing's two dispatch modes (torch's, as create_selective_checkpoint_contexts
+# makes them) with one change: only the saved ops take a slot in the cache; every other op runs
+# as it is, in the first forward and in the recomputation. torch matches the cached outputs to
+# the ops of the recomputation by counting each op's calls, and an FSDP unit inside the block
+# (the experts' own, under expert parallelism) legitimately runs its runtime a different number
+# of times in the recomputation: profiler annotations, all-gathers prefetched before it. Counting
+# those raised "invocation index 2 ... not found in storage". The saved ops are the model's
+# matrix multiplications, which the recomputation repeats one for one.
 
-    def __init__(self, inner, moe: MoE | None):
-        self.inner, self.moe = inner, moe
 
-    def __enter__(self):
-        if self.moe is not None:
-            self.moe.count_loads = False
-        return self.inner.__enter__()
+class _Keeping(_CachingTorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _SAVED_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
-    def __exit__(self, *exc):
-        try:
-            return self.inner.__exit__(*exc)
-        finally:
-            if self.moe is not None:
-                self.moe.count_loads = True
+
+class _Replaying(_CachedTorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _SAVED_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
