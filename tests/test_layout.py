@@ -131,8 +131,8 @@ def test_compile_changes_the_losses_by_less_than_1e_5(tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_compiled_checkpointing_keeps_the_math_and_counts_each_token_once(mode):
     """Checkpointing, then compile (torchtitan's order): the compiled recomputation gives the
-    eager losses and gradients, and the expert loads are those of one forward (counted outside
-    the checkpointed, compiled block)."""
+    eager losses and gradients, the expert loads are those of one forward (counted outside
+    the checkpointed, compiled block), and the compiled backward keeps fewer bytes."""
     loss, grads, loads, _, _, eager_saved = step("none")
     ck_loss, ck_grads, ck_loads, before, after, saved = step(mode, compiled=True)
     assert ck_loss.item() == pytest.approx(loss.item(), rel=1e-5)
@@ -141,5 +141,6 @@ def test_compiled_checkpointing_keeps_the_math_and_counts_each_token_once(mode):
             torch.testing.assert_close(ck_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
     assert loads.sum() > 0 and torch.equal(ck_loads, loads)
     assert after == before
-    if mode == "block":  # the compiled blocks keep their inputs only (measured: 18% of eager's bytes)
-        assert saved < 0.5 * eager_saved, (saved, eager_saved)
+    # what the compiled backward keeps, against eager without checkpointing (measured: block 0.19,
+    # selective 0.45, and compile alone 0.83, which these bounds would refuse)
+    assert saved < {"block": 0.3, "selective": 0.6}[mode] * eager_saved, (saved, eager_saved)

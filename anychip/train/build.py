@@ -84,7 +84,7 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
         ref = make_reference(model) if cfg.grpo.beta else None
     # the layout, outside the model and in this order: activation checkpointing, compile, data parallelism
     apply_activation_checkpointing(model, t.activation_checkpoint)
-    apply_compile(model, t.compile)
+    apply_compile(model, t.compile, expert_parallel=cfg.parallel.ep > 1)
     model = parallelize(model, world, cfg.parallel.strategy)
     optimizer = build_optimizer(model, t, device)
     state = TrainState(run_dir, device, world, model, optimizer, None, log, tokenizer, ref_model=ref)

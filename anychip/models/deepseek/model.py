@@ -412,7 +412,10 @@ class MoE(nn.Module):
         # outside any checkpointed or compiled block, so a recomputation of the block counts nothing twice
         self.routed: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_stats: bool = False):
+        """x [B, L, d] -> [B, L, d]. With ``with_stats``: (output, tokens per expert [N_r], L_Bal or
+        None), and nothing is kept on the module (``keep_stats`` does that): a side-effect-free
+        forward for activation checkpointing, whose recomputation runs it again."""
         a = self.args
         bsz, seqlen, d = x.shape
         flat = x.reshape(-1, d)
@@ -421,15 +424,23 @@ class MoE(nn.Module):
         counts = torch.zeros(a.n_routed_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_idx, torch.ones_like(flat_idx)
         )
-        self.balance_loss = None
-        if self.training:
-            self.routed = counts
-            if a.seq_aux_loss_alpha:
-                self.balance_loss = self.sequence_balance_loss(scores, indices, bsz)
+        balance = None
+        if self.training and a.seq_aux_loss_alpha:
+            balance = self.sequence_balance_loss(scores, indices, bsz)
         y = self.experts(flat, indices, weights, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(bsz, seqlen, d)
+        y = y.view(bsz, seqlen, d)
+        if with_stats:
+            return y, counts, balance
+        self.keep_stats(counts, balance)
+        return y
+
+    def keep_stats(self, counts: torch.Tensor, balance: torch.Tensor | None) -> None:
+        """Keep a forward's statistics for the model to read after its forward pass."""
+        self.balance_loss = balance
+        if self.training:
+            self.routed = counts
 
     def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, bsz: int) -> torch.Tensor:
         """L_Bal = alpha * sum_i f_i P_i per sequence, averaged over the batch (eqs. 17-20)."""
@@ -470,6 +481,16 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_with_stats(self, x, cos, sin, mask=None, cache=None):
+        """``forward`` without side effects, for activation checkpointing (whose recomputation runs
+        it again, and whose compiled form refuses a mutation inside the checkpointed region):
+        (output, the MoE layer's (tokens per expert, L_Bal or None), or None for a dense layer)."""
+        if not isinstance(self.mlp, MoE):
+            return Block.forward(self, x, cos, sin, mask, cache), None  # (``forward`` may be replaced)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_id)
+        y, counts, balance = self.mlp(self.post_attention_layernorm(x), with_stats=True)
+        return x + y, (counts, balance)
 
 
 class MTP(nn.Module):

@@ -18,11 +18,13 @@ Activation checkpointing (``train.activation_checkpoint``):
                attention) are kept: only the cheap ops (norms, activations, softmax,
                routing) run again. Less memory saved than ``block``, less compute spent.
 
-A recomputation cannot count its tokens a second time into the MoE layers' ``expert_load``
-(the balancing bias sees each token once): a block only reports its counts
-(``MoE.routed``), and the model adds them up after its forward, outside every checkpointed
-and compiled region. Eager, on CPU, checkpointing gives bit-identical losses and gradients;
-compiled, they stay within compile's own rounding of the eager ones.
+The checkpointed region has no side effect, so a recomputation cannot count its tokens a
+second time into the MoE layers' ``expert_load`` (the balancing bias sees each token once),
+and the compiler can trace it whole: the block returns its MoE's token counts and balance
+loss (``Block.forward_with_stats``), which are kept on the MoE after the region, and the
+model adds the counts up after its own forward. Eager, on CPU, checkpointing gives
+bit-identical losses and gradients; compiled, they stay within compile's own rounding of
+the eager ones.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import functools
 
 import torch
 from torch.utils.checkpoint import (
+    CheckpointPolicy,
     _CachedTorchDispatchMode,
     _CachingTorchDispatchMode,
     checkpoint,
+    create_selective_checkpoint_contexts,
 )
 
-from .model import Block, DeepSeekV3, grouped_mm_works
+from .model import Block, DeepSeekV3, MoE, grouped_mm_works
 
 ACTIVATION_CHECKPOINT = ("none", "block", "selective")
 
@@ -62,37 +66,63 @@ def apply_activation_checkpointing(model: DeepSeekV3, mode: str) -> None:
     if mode == "none":
         return
     for block in [*model.layers, *(m.block for m in model.mtp)]:
-        block.forward = functools.partial(_checkpointed, block, type(block).forward.__get__(block), mode)
+        block.forward = functools.partial(_checkpointed, block, mode)
 
 
-def apply_compile(model: DeepSeekV3, enabled: bool) -> None:
-    """Compile every transformer block of ``model`` in place (the MTP modules' blocks too)."""
+def apply_compile(model: DeepSeekV3, enabled: bool, expert_parallel: bool = False) -> None:
+    """Compile every transformer block of ``model`` in place (the MTP modules' blocks too).
+
+    With ``expert_parallel`` and activation checkpointing, an MoE block is compiled piece by piece
+    instead (attention, norms, router, shared experts; the routed experts' token exchange and
+    grouped GEMM stay eager). The exchange cannot be traced, so such a block cannot be compiled
+    whole around its checkpoint, and torch recomputes a checkpoint with the frame compiler off:
+    a block compiled as one frame inside its checkpoint would run compiled in the forward and
+    eager in the recomputation, which saves other tensors. Compiled modules run compiled in both.
+    """
     if not enabled:
         return
     for block in [*model.layers, *(m.block for m in model.mtp)]:
-        block.compile()
+        checkpointed = "forward" in vars(block)  # apply_activation_checkpointing replaced it
+        if expert_parallel and checkpointed and isinstance(block.mlp, MoE):
+            parts = [block.self_attn, block.input_layernorm, block.post_attention_layernorm, block.mlp.gate]
+            for part in [*parts, block.mlp.shared_experts]:
+                if part is not None:
+                    part.compile()
+        else:
+            block.compile()
+    # A compiled module inside an eager checkpoint must run the same graph in its recomputation.
+    # Dynamo tries the most recently used graph first, so once the MTP block's shorter sequence
+    # has made a dynamic graph, a main block's recomputation would pick that one and save other
+    # tensors (torch issue 166926): try the graphs in the order they were compiled.
+    torch._C._dynamo.eval_frame._set_lru_cache(False)
 
 
-def _checkpointed(block: Block, forward, mode: str, *args, **kwargs):
+def _checkpointed(block: Block, mode: str, *args, **kwargs):
     if not (block.training and torch.is_grad_enabled()):  # evaluation and sampling keep nothing anyway
-        return forward(*args, **kwargs)
+        return Block.forward(block, *args, **kwargs)
     x = args[0]
-    grouped_mm_works(x.device, x.dtype)  # its one-time probe runs before, not inside, the checkpointed region
-    if torch.is_autocast_enabled(x.device.type):
-        grouped_mm_works(x.device, torch.get_autocast_dtype(x.device.type))
-    if mode == "block":
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+    if not torch.compiler.is_compiling():  # compiled, the experts' GEMM is one opaque op that SAC does not see into
+        # the grouped GEMM's one-time probe runs before, not inside, the checkpointed region
+        grouped_mm_works(x.device, x.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            grouped_mm_works(x.device, torch.get_autocast_dtype(x.device.type))
+    context = {} if mode == "block" else {"context_fn": _selective_contexts}
+    out, stats = checkpoint(block.forward_with_stats, *args, use_reentrant=False, **context, **kwargs)
+    if stats is not None:  # kept outside the checkpointed region: the recomputation keeps nothing
+        block.mlp.keep_stats(*stats)
+    return out
 
 
 def _selective_contexts():
     """(the first forward's dispatch mode, the recomputation's)."""
+    if torch.compiler.is_compiling():  # torch's own: they mark every op of the traced region for the partitioner
+        return create_selective_checkpoint_contexts(_policy)
     storage = collections.defaultdict(dict)
     return _Keeping(_policy, storage), _Replaying(None, storage)
 
 
 def _policy(ctx, op, *args, **kwargs):
-    return True  # only the saved ops reach it (``_Keeping``)
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # Selective checkpointing's two dispatch modes (torch's, as create_selective_checkpoint_contexts
