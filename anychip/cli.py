@@ -289,6 +289,12 @@ def _status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(a: argparse.Namespace) -> int:
+    from .plan.command import run
+
+    return run(a)
+
+
 def _qualify(a: argparse.Namespace) -> int:
     from .qualify.options import check_arguments, default_out, worker_argv
     from .qualify.run import qualify
@@ -395,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("run_dir", type=Path)
     st.add_argument("--json", action="store_true", help="print the summary as JSON")
     st.set_defaults(fn=_status)
+    pl = sub.add_parser("plan", help="will a model fit on a fleet of chips, in which layout, and how fast")
+    from .plan.command import add_arguments as plan_arguments
+
+    plan_arguments(pl)
+    pl.set_defaults(fn=_plan)
     q = sub.add_parser("qualify", help="where a device computes differently from a reference, and where it is slow")
     from .qualify.options import add_arguments
 
