@@ -3,7 +3,10 @@ activation-checkpointing mode, eager and compiled, each in a fresh process.
 
 The figure is the growth of the process's peak resident set over its size before the step
 (the CPU device's ``peak_allocated``, reset per step through /proc/self/clear_refs, Linux),
-after --warmup steps (compilation happens in the first), the median over --steps steps.
+after --warmup steps (compilation happens in the first), the median over --steps steps. glibc
+allocates every tensor above 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so the resident set
+follows the live tensors. Next to it, eager only, what `anychip plan` predicts for the step
+(``anychip.plan.estimate.step_growth``).
 
     python bench/activation_memory.py [--steps 3] [--warmup 1]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import subprocess
 import sys
@@ -56,13 +60,21 @@ def main() -> None:
     if a.one:
         print(measure(a.one[0], a.one[1] == "1", a.steps, a.warmup))
         return
+    from anychip.models import preset
+    from anychip.plan.estimate import step_growth
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     print("tiny, 16 x 128 tokens, float32, one thread; peak growth of one training step (MB):")
     for compiled in (False, True):
         for mode in MODES:
             argv = [sys.executable, __file__, "--steps", str(a.steps), "--warmup", str(a.warmup), "--one", mode]
-            out = subprocess.run([*argv, "1" if compiled else "0"], capture_output=True, text=True, check=True)
+            out = subprocess.run([*argv, "1" if compiled else "0"], capture_output=True, text=True, check=True, env=env)
             mb = float(out.stdout.split()[-1])
-            print(f"  {'compiled' if compiled else 'eager':<9} {mode:<10} {mb:6.0f} MB", flush=True)
+            line = f"  {'compiled' if compiled else 'eager':<9} {mode:<10} {mb:6.0f} MB"
+            if not compiled:
+                predicted = step_growth(preset("tiny"), 16, 128, mode) / 2**20
+                line += f"   planned {predicted:4.0f} MB ({predicted / mb - 1:+.0%})"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

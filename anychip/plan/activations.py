@@ -10,13 +10,16 @@ matrix product per projection, which saves the same tensors.
 
 From these, the peak activation memory of a micro-batch under each checkpointing mode:
 
-    none       everything saved, outside and inside the blocks
-    block      outside + each block's input, plus one block's full set while it is recomputed,
-               plus as much again for the gradients of that block's activations
-    selective  outside + each block's input + the kept matmul outputs, plus the block's
-               recomputed rest, twice (recomputed, and its gradients)
+    none       everything saved, outside and inside the blocks (the peak is where the
+               backward pass starts; each block's gradients then replace what it saved)
+    block      the larger of: outside + each block's input (the end of the forward pass), and
+               each block's input + one block's full set while it is recomputed (the outside's
+               tensors are freed by then)
+    selective  as block, with the kept matmul outputs of every block added to both, and only
+               the rest of a block recomputed
 
-Without checkpointing the gradients of a block's activations take the place of what it saved.
+Checked against the CPU (``tests/test_layout.py``): tensors larger than 64 KiB allocated with
+mmap, so the resident set follows the live tensors.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ class Saved:
         if mode == "none":
             return self.outside + sum(self.blocks)
         if mode == "block":
-            return self.outside + sum(self.inputs) + 2 * max(self.blocks)
+            return sum(self.inputs) + max(self.outside, max(self.blocks))
         if mode == "selective":
             rest = max(b - k for b, k in zip(self.blocks, self.kept))
-            return self.outside + sum(self.inputs) + sum(self.kept) + 2 * rest
+            return sum(self.inputs) + sum(self.kept) + max(self.outside, rest)
         raise ValueError(f"activation checkpointing {mode!r}; expected none, block or selective")
 
 

@@ -12,8 +12,8 @@ micro-batch of M sequences. Per device:
     activations  what one micro-batch keeps for the backward pass (``activations.py``), scaled
                  from float32 to the compute dtype
 
-Time: the step's FLOPs (``training_flops_per_token``, plus one more forward of the blocks under
-block checkpointing) at an assumed MFU of the chip's peak, plus the bytes each collective sends
+Time: the FLOPs the step executes (``flops.py``; a third more under block checkpointing, for
+the blocks' second forward) at an assumed MFU of the chip's peak, plus the bytes each collective sends
 over the link it crosses, at an assumed efficiency of the link; no overlap of the two.
 """
 
@@ -26,9 +26,9 @@ import torch
 
 from ..models.deepseek.args import ModelArgs
 from ..models.deepseek.model import DeepSeekV3
-from ..models.deepseek.presets import training_flops_per_token
 from .activations import saved_bytes
 from .chips import Chip
+from .flops import step_flops_per_sequence
 
 MODES = ("none", "block", "selective")
 
@@ -122,8 +122,7 @@ def estimate(
     total = state + buffers + activations + grads_unsharded
     capacity = chip.memory * (1 - a.headroom)
 
-    flops_tok = _flops_per_token(args, seq_len)
-    flops = flops_tok * global_batch * seq_len / count
+    flops = step_flops_per_sequence(args, seq_len) * global_batch / count
     if layout.activation_checkpoint == "block":
         flops *= 4 / 3  # one more forward of the blocks
     compute_s = flops / (chip.peak() * a.mfu)
@@ -155,11 +154,6 @@ def estimate(
         layout, state, buffers, activations, total, capacity, compute_s, comm_s, step_s, comm,
         global_batch * seq_len / step_s,
     )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=64)
-def _flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    return training_flops_per_token(args, seq_len)[0]
 
 
 def layouts(args: ModelArgs, count: int, global_batch: int, a: Assumptions) -> list[Layout]:
@@ -230,3 +224,12 @@ def _memory_lean(args, count) -> list[Layout]:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def step_growth(args: ModelArgs, micro_batch: int, seq_len: int, mode: str) -> float:
+    """Bytes one float32 training step of one process adds to what the model already holds (no
+    optimizer step): the activations' peak, plus, under checkpointing, the parameters' float32
+    gradients, which are there by the time the blocks are recomputed (without checkpointing the
+    peak comes first). What ``tests/test_layout.py`` measures on the CPU, to check the planner."""
+    grads = 4 * shapes(args).total if mode != "none" else 0
+    return saved_bytes(args, micro_batch, seq_len).activations(mode) + grads
