@@ -17,6 +17,7 @@ from anychip.plan.activations import saved_bytes
 from anychip.plan.chips import CHIPS
 from anychip.plan.estimate import Assumptions, estimate, layouts
 from anychip.plan.flops import step_flops_per_sequence
+from anychip.plan.measure import step_worker
 
 aten = torch.ops.aten
 # the ops torch's counter has no formula for on the CPU: the grouped GEMM and the CPU's fused attention
@@ -125,3 +126,35 @@ def test_a_fleet_too_small_does_not_fit_and_names_the_smallest_that_would(capsys
 def test_a_batch_that_does_not_divide_over_the_fleet_is_refused(capsys):
     assert main(["plan", "--preset", "tiny", "--device", "h100", "--count", "8", "--global-batch", "12"]) == 2
     assert "--global-batch 12 must be a multiple of --count 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "nproc, sets, micro",
+    [(2, [], 2), (2, ["parallel.ep=2"], 1)],
+    ids=["fsdp2_two_micro_batches", "ep2"],
+)
+def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path, nproc, sets, micro):
+    """FSDP2's all-gathers and reduce-scatters, and EP's all-to-alls, counted as they are issued
+    (``anychip.plan.measure``), against the planner's figures within 5%."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from anychip.plan.estimate import Layout
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local, out = 2, tmp_path / "sent.pt"
+    mp.start_processes(
+        step_worker, args=(nproc, port, sets, micro, local, str(out)), nprocs=nproc, start_method="spawn"
+    )
+    got = torch.load(out)
+    ep = 2 if "parallel.ep=2" in sets else 1
+    layout = Layout(1, nproc, ep, "none", micro)
+    want = estimate(preset("debug"), CHIPS["h100"], nproc, 48, local * nproc, layout, Assumptions(compute_bytes=4))
+    sent = got["sent"]
+    for kind in ("all_gather", "reduce_scatter"):
+        assert sent[kind] == pytest.approx(want.comm_bytes[kind], rel=0.05), (kind, sent, want.comm_bytes)
+    if ep > 1:
+        assert sent["all_to_all"] == pytest.approx(want.comm_bytes["all_to_all"], rel=0.05), (sent, want.comm_bytes)

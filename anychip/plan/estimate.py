@@ -130,7 +130,9 @@ def estimate(
     dense = s.total - s.experts
     comm = {}
     shard_frac = (S - 1) / S
-    comm["all_gather"] = 2 * micro_steps * dense * f32 * shard_frac  # forward and backward, per micro-batch
+    # every block is gathered for its forward and again for its backward, per micro-batch; the root
+    # (embedding, output head) stays gathered from its forward through its backward
+    comm["all_gather"] = micro_steps * (2 * dense - s.root) * f32 * shard_frac
     comm["reduce_scatter"] = dense * f32 * shard_frac
     expert_group = S // E
     if expert_group > 1:
