@@ -76,11 +76,11 @@ def train_part(a, device, out: Path, keep: dict) -> dict:
     """bf16 and float32 runs on the device, a float32 run on the CPU, and the losses compared."""
     runs = {}
     device_dtypes = ["bfloat16", "float32"] if device.supports_dtype(torch.bfloat16) else ["float32"]
-    for dtype in device_dtypes:
-        runs[dtype] = guarded(train_run, a, device, dtype, out / "runs" / f"{device.type}-{dtype}", keep)
-    runs["cpu_reference"] = guarded(
-        train_run, a, get_device("cpu"), "float32", out / "runs" / "reference-cpu-float32", None
-    )
+    plan = [(dtype, device, dtype, f"{device.type}-{dtype}", keep) for dtype in device_dtypes]
+    plan.append(("cpu_reference", get_device("cpu"), "float32", "reference-cpu-float32", None))
+    for name, dev, dtype, directory, kept in plan:
+        runs[name] = guarded(train_run, a, dev, dtype, out / "runs" / directory, kept)
+        runs[name].setdefault("run_dir", str(out / "runs" / directory))  # also when the run failed
     reference = runs["cpu_reference"].get("losses")
     compared = {}
     for dtype in device_dtypes:
@@ -481,6 +481,7 @@ def main(argv=None) -> int:
             "warmup": a.warmup,
             "run_settings": [*RUN_SETTINGS, *run_shape(a)],
         },
+        "device": None,  # filled in below
         "parts": {},
     }
     try:

@@ -128,14 +128,15 @@ def test_a_batch_that_does_not_divide_over_the_fleet_is_refused(capsys):
     assert "--global-batch 12 must be a multiple of --count 8" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "nproc, sets, micro",
-    [(2, [], 2), (2, ["parallel.ep=2"], 1)],
-    ids=["fsdp2_two_micro_batches", "ep2"],
-)
-def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path, nproc, sets, micro):
-    """FSDP2's all-gathers and reduce-scatters, and EP's all-to-alls, counted as they are issued
-    (``anychip.plan.measure``), against the planner's figures within 5%."""
+# (settings, micro-batch size) on 2 processes, 2 sequences each
+CASES = [([], 2), (["parallel.ep=2"], 1)]
+
+
+def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path):
+    """FSDP2 with two micro-batches, and FSDP2 + EP 2: the all-gathers, reduce-scatters and
+    all-to-alls counted as they are issued (``anychip.plan.measure``), against the planner's
+    figures within 5% (measured: all-gathers and reduce-scatters exact, the all-to-all 1-4%
+    off, as the real routing is not balanced)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -146,15 +147,10 @@ def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path, nproc, set
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     local, out = 2, tmp_path / "sent.pt"
-    mp.start_processes(
-        step_worker, args=(nproc, port, sets, micro, local, str(out)), nprocs=nproc, start_method="spawn"
-    )
-    got = torch.load(out)
-    ep = 2 if "parallel.ep=2" in sets else 1
-    layout = Layout(1, nproc, ep, "none", micro)
-    want = estimate(preset("debug"), CHIPS["h100"], nproc, 48, local * nproc, layout, Assumptions(compute_bytes=4))
-    sent = got["sent"]
-    for kind in ("all_gather", "reduce_scatter"):
-        assert sent[kind] == pytest.approx(want.comm_bytes[kind], rel=0.05), (kind, sent, want.comm_bytes)
-    if ep > 1:
-        assert sent["all_to_all"] == pytest.approx(want.comm_bytes["all_to_all"], rel=0.05), (sent, want.comm_bytes)
+    mp.start_processes(step_worker, args=(2, port, CASES, local, str(out)), nprocs=2, start_method="spawn")
+    for (sets, micro), sent in zip(CASES, torch.load(out), strict=True):
+        ep = 2 if "parallel.ep=2" in sets else 1
+        layout = Layout(1, 2, ep, "none", micro)
+        want = estimate(preset("debug"), CHIPS["h100"], 2, 48, local * 2, layout, Assumptions(compute_bytes=4))
+        for kind in ("all_gather", "reduce_scatter", *(["all_to_all"] if ep > 1 else [])):
+            assert sent[kind] == pytest.approx(want.comm_bytes[kind], rel=0.05), (sets, kind, sent, want.comm_bytes)

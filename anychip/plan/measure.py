@@ -61,11 +61,11 @@ def _flat(t) -> int:
     return sum(_flat(x) for x in t)
 
 
-def step_worker(rank: int, world_size: int, port: int, sets: list[str], micro: int, local: int, out: str) -> None:
-    """One rank of a ``debug`` training step (``local`` sequences of 48 tokens in micro-batches of
-    ``micro``) under the layout the config ``sets`` describe: a first step for FSDP's lazy
-    initialisation, then one counted. Rank 0 saves {"sent": bytes per collective} to ``out``.
-    Start it with torch.multiprocessing (gloo, CPU)."""
+def step_worker(rank: int, world_size: int, port: int, cases: list, local: int, out: str) -> None:
+    """One rank of ``debug`` training steps (``local`` sequences of 48 tokens) under each case
+    (config settings for the layout, micro-batch size): a first step for FSDP's lazy
+    initialisation, then one counted. Rank 0 saves the bytes per collective of each case to
+    ``out``. Start it with torch.multiprocessing (gloo, CPU)."""
     import os
 
     from ..config import load_config
@@ -76,25 +76,30 @@ def step_worker(rank: int, world_size: int, port: int, sets: list[str], micro: i
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    cfg = load_config(None, ["model.preset=debug", f"parallel.nproc={world_size}", *sets])
-    world = init_world(get_device("cpu"), 120, cfg.parallel)
+    results, world = [], None
     try:
-        model = DeepSeekV3(preset("debug"))
-        model.init_weights(seed=0)
-        model = parallelize(model.train(), world, "fsdp")
-        x = torch.randint(0, model.args.vocab_size, (local, 48), generator=torch.Generator().manual_seed(rank))
+        for sets, micro in cases:
+            cfg = load_config(None, ["model.preset=debug", f"parallel.nproc={world_size}", *sets])
+            world = init_world(get_device("cpu"), 120, cfg.parallel)
+            model = DeepSeekV3(preset("debug"))
+            model.init_weights(seed=0)
+            model = parallelize(model.train(), world, "fsdp")
+            x = torch.randint(0, model.args.vocab_size, (local, 48), generator=torch.Generator().manual_seed(rank))
 
-        def step():
-            for i in range(0, local, micro):
-                model.set_requires_gradient_sync(i + micro >= local)
-                part = model(x[i : i + micro], labels=x[i : i + micro].roll(-1, 1), reduction="sum")
-                (part.lm_loss + sum(part.mtp_losses)).backward()
-
-        step()
-        counter = CommCounter(rank % world.layout.ep)
-        with counter:
-            step()
+            _step(model, x, micro)  # FSDP's lazy initialisation
+            counter = CommCounter(rank % world.layout.ep)
+            with counter:
+                _step(model, x, micro)
+            results.append(dict(counter.sent))
         if rank == 0:
-            torch.save({"sent": dict(counter.sent)}, out)
+            torch.save(results, out)
     finally:
-        close_world(world)
+        if world is not None:
+            close_world(world)
+
+
+def _step(model, x: torch.Tensor, micro: int) -> None:
+    for i in range(0, len(x), micro):
+        model.set_requires_gradient_sync(i + micro >= len(x))
+        part = model(x[i : i + micro], labels=x[i : i + micro].roll(-1, 1), reduction="sum")
+        (part.lm_loss + sum(part.mtp_losses)).backward()
