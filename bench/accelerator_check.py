@@ -76,9 +76,9 @@ def train_part(a, device, out: Path, keep: dict) -> dict:
     """bf16 and float32 runs on the device, a float32 run on the CPU, and the losses compared."""
     runs = {}
     device_dtypes = ["bfloat16", "float32"] if device.supports_dtype(torch.bfloat16) else ["float32"]
-    plan = [(dtype, device, dtype, f"{device.type}-{dtype}", keep) for dtype in device_dtypes]
-    plan.append(("cpu_reference", get_device("cpu"), "float32", "reference-cpu-float32", None))
-    for name, dev, dtype, directory, kept in plan:
+    todo = [(dtype, device, dtype, f"{device.type}-{dtype}", keep) for dtype in device_dtypes]
+    todo.append(("cpu_reference", get_device("cpu"), "float32", "reference-cpu-float32", None))
+    for name, dev, dtype, directory, kept in todo:
         runs[name] = guarded(train_run, a, dev, dtype, out / "runs" / directory, kept)
         runs[name].setdefault("run_dir", str(out / "runs" / directory))  # also when the run failed
     reference = runs["cpu_reference"].get("losses")
@@ -117,7 +117,9 @@ def train_run(a, device, dtype: str, run_dir: Path, keep: dict | None) -> dict:
     gc.collect()
     timed = metrics[a.warmup :] if len(metrics) > a.warmup else metrics
     peak = max(m["memory_peak_gb"] for m in metrics) * GiB
-    mfus = [m["mfu"] for m in timed if m.get("mfu") is not None]
+    step_s = statistics.median(m["step_time"] for m in timed)
+    # anychip's tokens and FLOPs of a step (the same every step) over the median step time
+    tokens, mfu = metrics[0]["tokens_per_s"] * metrics[0]["step_time"], metrics[0].get("mfu")
     routine = {"run_start", "run_end", "guards", "checkpoint_save", "checkpoint_commit"}
     end = next((e for e in reversed(events) if e["event"] == "run_end"), {})
     return {
@@ -128,10 +130,11 @@ def train_run(a, device, dtype: str, run_dir: Path, keep: dict | None) -> dict:
         "status": end.get("status"),
         "steps": len(metrics),
         "timed_steps": len(timed),
-        "step_time_median_s": statistics.median(m["step_time"] for m in timed),
+        "step_time_median_s": step_s,
         "first_step_time_s": metrics[0]["step_time"],
-        "tokens_per_s": statistics.median(m["tokens_per_s"] for m in timed),
-        "mfu": statistics.median(mfus) if mfus else None,
+        "step_times_s": [m["step_time"] for m in metrics],
+        "tokens_per_s": tokens / step_s,
+        "mfu": mfu * metrics[0]["step_time"] / step_s if mfu is not None else None,
         "peak_flops": device.peak_flops(getattr(torch, dtype)),
         "peak_memory_bytes": peak,
         "memory_before_bytes": before,
@@ -194,12 +197,19 @@ def checkpoint_part(device, keep: dict) -> dict:
         "run": dtype,
         "checkpoint": str(directory),
         "checkpoint_step": meta.get("step"),
+        "run_steps": run_steps(run_dir),
         "checkpoint_bytes": sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
         "load_cpu_s": load_cpu_s,
         "load_device_s": load_device_s,
         "bit_equal": all(c["bit_equal"] for c in checks.values()),
         "checks": checks,
     }
+
+
+def run_steps(run_dir: Path) -> int:
+    from anychip.train.runlog import read_jsonl
+
+    return len(read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def compare_states(expected: dict, got: dict) -> dict:
@@ -396,9 +406,11 @@ def summary(result: dict) -> list[str]:
     """The few lines a person reads first."""
     d, parts = result.get("device", {}), result["parts"]
     lines = [
-        f"accelerator_check: {d.get('name')} ({d.get('type')}), torch {result['torch']}, "
+        f"accelerator_check: {d.get('name', 'no device')} ({d.get('type') or d.get('requested') or 'auto'}), torch {result['torch']}, "
         f"anychip {result['anychip_commit']}, {result['wall_s']:.0f} s"
     ]
+    if d.get("error"):
+        lines.append(f"  device      ERROR {d['error']}")
     t = parts.get("train", {})
     for name, run in t.get("runs", {}).items():
         if run.get("error"):
@@ -411,18 +423,20 @@ def summary(result: dict) -> list[str]:
             f"  train {name:<14} {run['step_time_median_s'] * 1e3:8.1f} ms/step  {run['tokens_per_s']:10,.0f} tok/s  "
             f"MFU {mfu:>7}  peak {run['peak_memory_bytes'] / GiB:.2f} GiB{diff}"
         )
-    c = parts.get("checkpoint", {})
-    lines.append(
-        f"  checkpoint  ERROR {c['error']}"
-        if c.get("error")
-        else f"  checkpoint  {c.get('checkpoint')}: bit-equal on cpu and device: {c.get('bit_equal')}"
-    )
-    q = parts.get("qualify", {})
-    lines.append(
-        f"  qualify     ERROR {q['error']}"
-        if q.get("error")
-        else f"  qualify     {str(q.get('status')).upper()} {q.get('op_status_counts')}; card {q.get('report_card')}"
-    )
+    if "checkpoint" in parts:
+        c = parts["checkpoint"]
+        lines.append(
+            f"  checkpoint  ERROR {c['error']}"
+            if c.get("error")
+            else f"  checkpoint  {c['checkpoint']}: bit-equal on cpu and device: {c['bit_equal']}"
+        )
+    if "qualify" in parts:
+        q = parts["qualify"]
+        lines.append(
+            f"  qualify     ERROR {q['error']}"
+            if q.get("error")
+            else f"  qualify     {q['status'].upper()} {q['op_status_counts']}; card {q['report_card']}"
+        )
     p = parts.get("plan", {})
     if p.get("error"):
         lines.append(f"  plan        ERROR {p['error']}")
@@ -489,7 +503,10 @@ def main(argv=None) -> int:
         result["device"] = describe(device)
     except Exception as e:  # no device, no check: say why in the file
         device, result["device"] = None, {"requested": a.device, "error": f"{type(e).__name__}: {e}"}
-    out = a.out or ROOT / "runs" / f"accelerator-check-{device.type if device else a.device}-{now:%Y%m%d-%H%M%S}"
+    out = (
+        a.out
+        or ROOT / "runs" / f"accelerator-check-{device.type if device else a.device or 'auto'}-{now:%Y%m%d-%H%M%S}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accelerator_check.json"
     if device is not None:

@@ -128,15 +128,16 @@ def test_a_batch_that_does_not_divide_over_the_fleet_is_refused(capsys):
     assert "--global-batch 12 must be a multiple of --count 8" in capsys.readouterr().err
 
 
-# (settings, micro-batch size) on 2 processes, 2 sequences each
-CASES = [([], 2), (["parallel.ep=2"], 1)]
+# (settings, micro-batch size) on 2 processes, 2 sequences of 128 tokens each, `tiny`
+CASES = [([], 1), (["parallel.ep=2"], 2)]
 
 
-def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path):
-    """FSDP2 with two micro-batches, and FSDP2 + EP 2: the all-gathers, reduce-scatters and
-    all-to-alls counted as they are issued (``anychip.plan.measure``), against the planner's
-    figures within 5% (measured: all-gathers and reduce-scatters exact, the all-to-all 1-4%
-    off, as the real routing is not balanced)."""
+def test_the_planned_collective_bytes_and_peak_memory_are_what_a_step_has(tmp_path):
+    """FSDP2 with two micro-batches, and FSDP2 + EP 2, on 2 processes: the all-gathers,
+    reduce-scatters and all-to-alls counted as they are issued (``anychip.plan.measure``) within
+    5% of the planner's figures, and the growth of rank 0's peak resident set during the step
+    (tensors allocated with mmap) within 15% of its gathered blocks and activations."""
+    import os
     import socket
 
     import torch.multiprocessing as mp
@@ -146,11 +147,18 @@ def test_the_planned_collective_bytes_are_what_a_step_sends(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    local, out = 2, tmp_path / "sent.pt"
-    mp.start_processes(step_worker, args=(2, port, CASES, local, str(out)), nprocs=2, start_method="spawn")
-    for (sets, micro), sent in zip(CASES, torch.load(out), strict=True):
-        ep = 2 if "parallel.ep=2" in sets else 1
+    local, out = 2, tmp_path / "step.pt"
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned workers' allocator
+    try:
+        args = (2, port, CASES, local, str(out), "tiny", 128)
+        mp.start_processes(step_worker, args=args, nprocs=2, start_method="spawn")
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    for (sets, micro), result in zip(CASES, torch.load(out), strict=True):
+        sent, ep = result["sent"], 2 if "parallel.ep=2" in sets else 1
         layout = Layout(1, 2, ep, "none", micro)
-        want = estimate(preset("debug"), CHIPS["h100"], 2, 48, local * 2, layout, Assumptions(compute_bytes=4))
+        want = estimate(preset("tiny"), CHIPS["h100"], 2, 128, local * 2, layout, Assumptions(compute_bytes=4))
         for kind in ("all_gather", "reduce_scatter", *(["all_to_all"] if ep > 1 else [])):
             assert sent[kind] == pytest.approx(want.comm_bytes[kind], rel=0.05), (sets, kind, sent, want.comm_bytes)
+        predicted = want.buffers + want.activations  # the state was there before the step
+        assert predicted == pytest.approx(result["growth"], rel=0.15), (sets, predicted, result["growth"])

@@ -6,9 +6,10 @@ micro-batch of M sequences. Per device:
 
     state        parameters, gradients and AdamW's two moments, float32, sharded over S
                  (the experts over E x S/E = S ranks too)
-    buffers      FSDP's gathered block (this one and the prefetched next) and its unsharded
-                 gradient before the reduce-scatter; the root's embedding and output head while
-                 gathered; the all-to-all's send and receive rows of one MoE layer
+    buffers      FSDP's gathered blocks (this one and the prefetched next); the root's embedding
+                 and output head while gathered; the all-to-all's send and receive rows of one
+                 MoE layer; with more than one micro-batch, the unsharded gradients of every
+                 parameter this rank computes with (FSDP reduce-scatters after the last only)
     activations  what one micro-batch keeps for the backward pass (``activations.py``), scaled
                  from float32 to the compute dtype
 
@@ -115,7 +116,11 @@ def estimate(
     gathered_block = (s.block_dense + s.block_experts / E) * f32
     tokens_mb = M * seq_len
     a2a_rows = tokens_mb * args.num_experts_per_tok * args.hidden_size * a.compute_bytes if E > 1 else 0
-    buffers = 3 * gathered_block + s.root * f32 + 2 * a2a_rows
+    # two gathered blocks (this one and the prefetched next); their unsharded gradients, the
+    # third candidate, were not part of the peak measured on the CPU (2 and 4 processes)
+    buffers = 2 * gathered_block + s.root * f32 + 2 * a2a_rows
+    if micro_steps > 1:  # the micro-batches before the last accumulate unsharded gradients (no reduce-scatter)
+        buffers += (s.total - s.experts + s.experts / E) * f32
     saved = saved_bytes(args, M, seq_len)
     activations = saved.activations(layout.activation_checkpoint) * a.compute_bytes / 4
     grads_unsharded = 0.0  # gradients are reduce-scattered block by block: counted in buffers

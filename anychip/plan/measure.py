@@ -61,11 +61,15 @@ def _flat(t) -> int:
     return sum(_flat(x) for x in t)
 
 
-def step_worker(rank: int, world_size: int, port: int, cases: list, local: int, out: str) -> None:
-    """One rank of ``debug`` training steps (``local`` sequences of 48 tokens) under each case
-    (config settings for the layout, micro-batch size): a first step for FSDP's lazy
-    initialisation, then one counted. Rank 0 saves the bytes per collective of each case to
-    ``out``. Start it with torch.multiprocessing (gloo, CPU)."""
+def step_worker(
+    rank: int, world_size: int, port: int, cases: list, local: int, out: str, model: str = "debug", seq: int = 48
+) -> None:
+    """One rank of training steps of ``model`` (``local`` sequences of ``seq`` tokens) under each
+    case (config settings for the layout, micro-batch size): a first step for FSDP's lazy
+    initialisation, then one counted. Rank 0 saves, per case, the bytes per collective and the
+    growth of its peak resident set during the counted step to ``out``. Start it with
+    torch.multiprocessing (gloo, CPU; MALLOC_MMAP_THRESHOLD_=65536 in the environment makes the
+    resident set follow the live tensors)."""
     import os
 
     from ..config import load_config
@@ -78,19 +82,23 @@ def step_worker(rank: int, world_size: int, port: int, cases: list, local: int, 
     torch.set_num_threads(1)
     results, world = [], None
     try:
+        cpu = get_device("cpu")
         for sets, micro in cases:
-            cfg = load_config(None, ["model.preset=debug", f"parallel.nproc={world_size}", *sets])
-            world = init_world(get_device("cpu"), 120, cfg.parallel)
-            model = DeepSeekV3(preset("debug"))
-            model.init_weights(seed=0)
-            model = parallelize(model.train(), world, "fsdp")
-            x = torch.randint(0, model.args.vocab_size, (local, 48), generator=torch.Generator().manual_seed(rank))
-
-            _step(model, x, micro)  # FSDP's lazy initialisation
+            cfg = load_config(None, [f"model.preset={model}", f"parallel.nproc={world_size}", *sets])
+            world = init_world(cpu, 120, cfg.parallel)
+            net = DeepSeekV3(preset(model))
+            net.init_weights(seed=0)
+            net = parallelize(net.train(), world, "fsdp")
+            x = torch.randint(0, net.args.vocab_size, (local, seq), generator=torch.Generator().manual_seed(rank))
+            _step(net, x, micro)  # FSDP's lazy initialisation; the gradients it leaves stay allocated
             counter = CommCounter(rank % world.layout.ep)
+            cpu.reset_peak_memory()
+            before = cpu.memory_stats()["allocated"]
             with counter:
-                _step(model, x, micro)
-            results.append(dict(counter.sent))
+                _step(net, x, micro)
+            growth = cpu.memory_stats()["peak_allocated"] - before
+            results.append({"sent": dict(counter.sent), "growth": growth})
+            del net
         if rank == 0:
             torch.save(results, out)
     finally:
