@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..models.deepseek.args import ModelArgs
 from ..models.deepseek.presets import PRESETS, count_parameters, preset
 from .chips import CHIPS, Chip, G
-from .estimate import Assumptions, Estimate, longest_sequence, plan, smallest_fleet
+from .estimate import Assumptions, Estimate, fits_on, longest_sequence, plan, smallest_fleet
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,7 @@ def run(a: argparse.Namespace) -> int:
     advice = {}
     if best is None:
         advice["smallest_fleet"] = smallest_fleet(args, chip, a.seq, assume)
+        advice["fits_one_sequence_per_device"] = batch > a.count and fits_on(args, chip, a.count, a.seq, assume)
         advice["longest_sequence"] = longest_sequence(args, chip, a.count, a.seq, assume)
     total, active = count_parameters(args, include_mtp=True)
     out = {
@@ -143,5 +144,7 @@ def _print(out: dict, estimates: list[Estimate], best: Estimate | None, top: int
     fleet, seq = out.get("smallest_fleet"), out.get("longest_sequence")
     print(f"  would fit: {fleet} x {chip['name']} at this sequence length" if fleet else
           f"  no fleet of up to {1 << 17} x {chip['name']} fits at this sequence length")  # fmt: skip
+    if out.get("fits_one_sequence_per_device"):
+        print(f"  or a global batch of {out['count']} sequences on these devices (one per device and micro-batch)")
     if seq:
         print(f"  or sequences of {seq} tokens on these {out['count']} devices (micro-batch 1)")

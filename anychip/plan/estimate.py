@@ -191,16 +191,16 @@ def plan(args: ModelArgs, chip: Chip, count: int, seq_len: int, global_batch: in
 
 
 def smallest_fleet(args: ModelArgs, chip: Chip, seq_len: int, a: Assumptions, limit: int = 1 << 17) -> int | None:
-    """The fewest devices (a multiple of a node, or a power of two below one) on which some layout
+    """The fewest devices (a multiple of 8, or of a smaller node, or 1, 2, 4) on which some layout
     fits with one sequence per device and per micro-batch; None beyond ``limit``."""
-    step = chip.per_node
+    step = min(chip.per_node, 8)  # a server's worth (a CloudMatrix supernode is 768 dies)
     sizes = [n for n in (1, 2, 4) if n < step] + list(range(step, limit + 1, step))
     lo, hi = 0, len(sizes) - 1
-    if not _fits_on(args, chip, sizes[hi], seq_len, a):
+    if not fits_on(args, chip, sizes[hi], seq_len, a):
         return None
     while lo < hi:  # memory per device falls as the fleet grows
         mid = (lo + hi) // 2
-        if _fits_on(args, chip, sizes[mid], seq_len, a):
+        if fits_on(args, chip, sizes[mid], seq_len, a):
             hi = mid
         else:
             lo = mid + 1
@@ -211,13 +211,14 @@ def longest_sequence(args: ModelArgs, chip: Chip, count: int, seq_len: int, a: A
     """The longest power-of-two fraction of ``seq_len`` that fits on ``count`` devices (micro-batch 1)."""
     s = seq_len // 2
     while s >= 128:
-        if _fits_on(args, chip, count, s, a):
+        if fits_on(args, chip, count, s, a):
             return s
         s //= 2
     return None
 
 
-def _fits_on(args, chip, count, seq_len, a) -> bool:
+def fits_on(args: ModelArgs, chip: Chip, count: int, seq_len: int, a: Assumptions) -> bool:
+    """Whether some layout fits with one sequence per device and per micro-batch."""
     one = Assumptions(**{**asdict(a), "max_micro_batch": 1})
     best = min((estimate(args, chip, count, seq_len, count, lay, one) for lay in _memory_lean(args, count)),
                key=lambda e: e.total)  # fmt: skip
