@@ -125,13 +125,14 @@ def _print(out: dict, estimates: list[Estimate], best: Estimate | None, top: int
           "compute and communication do not overlap; routed experts balanced")  # fmt: skip
     print(f"  the fleet table's source: {chip['source']}")
     rows = estimates[:top]
-    print(f"\n{'layout':<38} {'state':>6} {'buffers':>7} {'activ.':>6} {'total':>6} {'compute':>8} "
-          f"{'comm':>7} {'step':>7} {'tokens/s':>10}")  # fmt: skip
+    print(f"\n{'layout':<38} {'params':>6} {'grads':>6} {'optim':>6} {'buffers':>7} {'activ.':>6} {'total':>6} "
+          f"{'free':>6} {'compute':>8} {'comm':>7} {'step':>7} {'tokens/s':>10}")  # fmt: skip
     for e in rows:
         mark = "" if e.fits else "  does not fit"
-        print(f"{e.layout!s:<38} {e.state / G:6.1f} {e.buffers / G:7.1f} {e.activations / G:6.1f} "
-              f"{e.total / G:6.1f} {e.compute_s:7.2f}s {e.comm_s:6.2f}s {e.step_s:6.2f}s {e.tokens_per_s:10.0f}{mark}")  # fmt: skip
-    print("(GB per device; capacity", f"{rows[0].capacity / G:.1f} GB)" if rows else "")
+        memory = (e.params, e.grads, e.optimizer, e.buffers, e.activations, e.total, e.headroom)
+        print(f"{e.layout!s:<38} " + " ".join(f"{m / G:{7 if i == 3 else 6}.1f}" for i, m in enumerate(memory)) +
+              f" {e.compute_s:7.2f}s {e.comm_s:6.2f}s {e.step_s:6.2f}s {e.tokens_per_s:10.0f}{mark}")  # fmt: skip
+    print("(GB per device; free: below the capacity of", f"{rows[0].capacity / G:.1f} GB)" if rows else "")
     if best is not None:
         print(f"\nfastest that fits: {best.layout} — {best.total / G:.1f} of {best.capacity / G:.1f} GB, "
               f"{best.step_s:.2f} s a step, {best.tokens_per_s:,.0f} tokens/s")  # fmt: skip

@@ -4,8 +4,8 @@ A layout is what anychip can run (``anychip.parallel``): R replicas x S shards (
 when R = 1), expert parallelism E within the shard dimension, activation checkpointing, and a
 micro-batch of M sequences. Per device:
 
-    state        parameters, gradients and AdamW's two moments, float32, sharded over S
-                 (the experts over E x S/E = S ranks too)
+    params, grads, optimizer   float32 parameters, their gradients and AdamW's two moments,
+                 sharded over S (the experts over E x S/E = S ranks too)
     buffers      FSDP's gathered blocks (this one and the prefetched next); the root's embedding
                  and output head while gathered; the all-to-all's send and receive rows of one
                  MoE layer; with more than one micro-batch, the unsharded gradients of every
@@ -60,7 +60,9 @@ class Layout:
 @dataclass(frozen=True)
 class Estimate:
     layout: Layout
-    state: float  # bytes per device
+    params: float  # bytes per device: float32 parameters, sharded
+    grads: float  # their float32 gradients, sharded
+    optimizer: float  # AdamW's two float32 moments, sharded
     buffers: float
     activations: float
     total: float
@@ -72,11 +74,22 @@ class Estimate:
     tokens_per_s: float
 
     @property
+    def state(self) -> float:
+        """Parameters, gradients and optimizer state: what stays between steps."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def headroom(self) -> float:
+        """Bytes left below the capacity (negative: does not fit)."""
+        return self.capacity - self.total
+
+    @property
     def fits(self) -> bool:
         return self.total <= self.capacity
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "layout": asdict(self.layout), "fits": self.fits}
+        extra = {"state": self.state, "headroom": self.headroom, "fits": self.fits}
+        return {**asdict(self), "layout": asdict(self.layout), **extra}
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,8 @@ def estimate(
     local = global_batch // count  # sequences per device per step
     micro_steps = local // M
     f32 = 4
-    state = (f32 + f32 + 2 * f32) * s.total / S
+    params = grads = f32 * s.total / S
+    optimizer = 2 * f32 * s.total / S
     gathered_block = (s.block_dense + s.block_experts / E) * f32
     tokens_mb = M * seq_len
     a2a_rows = tokens_mb * args.num_experts_per_tok * args.hidden_size * a.compute_bytes if E > 1 else 0
@@ -124,7 +138,7 @@ def estimate(
     saved = saved_bytes(args, M, seq_len)
     activations = saved.activations(layout.activation_checkpoint) * a.compute_bytes / 4
     grads_unsharded = 0.0  # gradients are reduce-scattered block by block: counted in buffers
-    total = state + buffers + activations + grads_unsharded
+    total = params + grads + optimizer + buffers + activations + grads_unsharded
     capacity = chip.memory * (1 - a.headroom)
 
     flops = step_flops_per_sequence(args, seq_len) * global_batch / count
@@ -158,7 +172,7 @@ def estimate(
     comm_s = sum(b / (link[k] * a.link_efficiency) for k, b in comm.items())
     step_s = compute_s + comm_s
     return Estimate(
-        layout, state, buffers, activations, total, capacity, compute_s, comm_s, step_s, comm,
+        layout, params, grads, optimizer, buffers, activations, total, capacity, compute_s, comm_s, step_s, comm,
         global_batch * seq_len / step_s,
     )  # fmt: skip
 
