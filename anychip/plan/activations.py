@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..models.deepseek.args import ModelArgs
 from ..models.deepseek.model import DeepSeekV3, RoutedExperts
-from ..models.deepseek.parallelize import _SAVED_OPS
+from ..models.deepseek.parallelize import SAVED_OPS
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class _KeptOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _SAVED_OPS:
+        if func in SAVED_OPS:
             self.add(out[0] if isinstance(out, tuple) else out)
         return out
 

@@ -55,7 +55,7 @@ CHIPS = {
              "Ascend 910B2 as reported: 64 GB HBM, HCCS 392 GB/s per chip (7 x 56 GB/s) both directions, "
              "200 Gb/s RoCE per NPU; not re-checked here"),
         Chip("910c", "Ascend910_9392", 64 * G, 196 * G, 25 * G, 768,
-             "one die of an Ascend 910C (torch_npu shows each die as a device): 64 GB of the 128 GB, "
+             "one die of an Ascend 910C (the NPU runtime shows each die as a device): 64 GB of the 128 GB, "
              "half of the ~392 GB/s one-direction UB bandwidth per chip, 768 dies in a CloudMatrix384 "
              "supernode, 200 Gb/s RDMA per die between supernodes, as reported (arXiv 2506.12708); "
              "not re-checked here"),

@@ -46,7 +46,7 @@ from .model import Block, DeepSeekV3, MoE, grouped_mm_works
 ACTIVATION_CHECKPOINT = ("none", "block", "selective")
 
 # kept by selective checkpointing: what costs FLOPs to recompute
-_SAVED_OPS = {
+SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
@@ -122,7 +122,7 @@ def _selective_contexts():
 
 
 def _policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # Selective checkpointing's two dispatch modes (torch's, as create_selective_checkpoint_contexts
@@ -137,13 +137,13 @@ def _policy(ctx, op, *args, **kwargs):
 
 class _Keeping(_CachingTorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in _SAVED_OPS:
+        if func not in SAVED_OPS:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 class _Replaying(_CachedTorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in _SAVED_OPS:
+        if func not in SAVED_OPS:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
