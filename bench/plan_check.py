@@ -1,6 +1,10 @@
 """`anychip plan` against what a step does, on every layout this machine runs (gloo, CPU):
 the bytes each collective sends (counted as issued, ``anychip.plan.measure``) and the growth of
-rank 0's peak resident set during the step, next to the planner's figures, as ratios.
+rank 0's peak resident set during the step, next to the planner's figures, as ratios. The
+bytes are the mean over the ranks. The planner counts the all-to-all for balanced routing;
+a router that is not balanced moves rows between ranks unevenly but, on average over the
+ranks, sends the same share off-rank. "imbalance" is the busiest rank's all-to-all bytes
+over the mean: what `anychip plan --expert-imbalance` takes.
 
 `tiny`, 2 sequences of 128 tokens per process, one micro-batch each step unless said; the
 first step initialises FSDP, the second is measured. Tensors above 64 KiB are allocated with
@@ -45,6 +49,7 @@ def main() -> None:
     print(f"tiny, {LOCAL} x {SEQ} tokens per process; measured / planned")
     print(
         f"  {'layout':<26} {'all-gather':>10} {'reduce-sc.':>10} {'all-to-all':>10} {'all-reduce':>10} {'peak growth':>12}"
+        f" {'imbalance':>11}"
     )
     for n in a.nproc:
         with socket.socket() as s:
@@ -61,10 +66,12 @@ def main() -> None:
             want = estimate(preset("tiny"), CHIPS["h100"], n, SEQ, LOCAL * n, layout, Assumptions(compute_bytes=4))
             cells = []
             for kind in ("all_gather", "reduce_scatter", "all_to_all", "all_reduce"):
-                planned, sent = want.comm_bytes.get(kind), got["sent"].get(kind)
+                planned, sent = want.comm_bytes.get(kind), got["mean"].get(kind)
                 cells.append(f"{sent / planned:10.3f}" if planned and sent else f"{'-':>10}")
             memory = got["growth"] / (want.buffers + want.activations)
-            print(f"  {name:<26} {' '.join(cells)} {memory:12.3f}", flush=True)
+            a2a = got["mean"].get("all_to_all")
+            imbalance = f"{got['max']['all_to_all'] / a2a:11.3f}" if ep > 1 and a2a else f"{'-':>11}"
+            print(f"  {name:<26} {' '.join(cells)} {memory:12.3f} {imbalance}", flush=True)
 
 
 if __name__ == "__main__":

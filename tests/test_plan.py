@@ -96,6 +96,7 @@ def test_v3_on_2048_h800s_fits_in_80_gb_and_says_what_it_assumed(capsys):
     )
     assert best["layout"]["ep"] > 1  # the experts cannot be all-gathered whole: EP is what fits
     assert out["assumptions"]["mfu"] == 0.35 and out["device"]["memory"] == 80e9
+    assert out["assumptions"]["expert_imbalance"] == 1.0  # balanced routing unless told
     # the printed plan shows the same best layout and states its assumptions
     assert main(["plan", *argv]) == 0
     text = capsys.readouterr().out
@@ -155,7 +156,7 @@ def test_the_planned_collective_bytes_and_peak_memory_are_what_a_step_has(tmp_pa
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
     for (sets, micro), result in zip(CASES, torch.load(out), strict=True):
-        sent, ep = result["sent"], 2 if "parallel.ep=2" in sets else 1
+        sent, ep = result["mean"], 2 if "parallel.ep=2" in sets else 1  # over the ranks
         layout = Layout(1, 2, ep, "none", micro)
         want = estimate(preset("tiny"), CHIPS["h100"], 2, 128, local * 2, layout, Assumptions(compute_bytes=4))
         for kind in ("all_gather", "reduce_scatter", *(["all_to_all"] if ep > 1 else [])):

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headroom", type=float, default=d.headroom, help=f"memory left free (default {d.headroom})")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="activations' dtype (default bf16)")
     p.add_argument("--max-micro-batch", type=int, default=d.max_micro_batch)
+    p.add_argument("--expert-imbalance", type=float, default=d.expert_imbalance,
+                   help="the busiest EP rank's all-to-all rows over the mean (default 1: balanced routing)")  # fmt: skip
     p.add_argument("--memory", type=float, metavar="GB", help="device memory, overriding the table")
     p.add_argument("--intra", type=float, metavar="GB/s", help="bandwidth inside a node, one direction")
     p.add_argument("--inter", type=float, metavar="GB/s", help="bandwidth across nodes, one direction")
@@ -47,7 +49,10 @@ def run(a: argparse.Namespace) -> int:
     batch = a.global_batch or a.count
     if batch % a.count:
         raise ConfigError(f"--global-batch {batch} must be a multiple of --count {a.count} (sequences per device)")
-    assume = Assumptions(a.mfu, a.link_efficiency, a.headroom, 2 if a.dtype == "bf16" else 4, a.max_micro_batch)
+    if a.expert_imbalance < 1:
+        raise ConfigError(f"--expert-imbalance {a.expert_imbalance} is below 1 (the busiest rank over the mean)")
+    dtype_bytes = 2 if a.dtype == "bf16" else 4
+    assume = Assumptions(a.mfu, a.link_efficiency, a.headroom, dtype_bytes, a.max_micro_batch, a.expert_imbalance)
     estimates = plan(args, chip, a.count, a.seq, batch, assume)
     best = estimates[0] if estimates and estimates[0].fits else None
     advice = {}
@@ -122,7 +127,8 @@ def _print(out: dict, estimates: list[Estimate], best: Estimate | None, top: int
           f"{chip['inter'] / G:.0f} GB/s across, per device and direction (--intra, --inter, --per-node)")  # fmt: skip
     print(f"  {a['headroom']:.0%} of memory left free (--headroom); activations in "
           f"{'bf16' if a['compute_bytes'] == 2 else 'fp32'}, parameters, gradients and AdamW in fp32 (--dtype); "
-          "compute and communication do not overlap; routed experts balanced")  # fmt: skip
+          "compute and communication do not overlap; the busiest EP rank exchanges "
+          f"{a['expert_imbalance']}x the mean all-to-all rows (--expert-imbalance; 1: balanced routing)")  # fmt: skip
     print(f"  the fleet table's source: {chip['source']}")
     rows = estimates[:top]
     print(f"\n{'layout':<38} {'params':>6} {'grads':>6} {'optim':>6} {'buffers':>7} {'activ.':>6} {'total':>6} "

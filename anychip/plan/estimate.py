@@ -7,8 +7,7 @@ micro-batch of M sequences. Per device:
     params, grads, optimizer   float32 parameters, their gradients and AdamW's two moments,
                  sharded over S (the experts over E x S/E = S ranks too)
     buffers      FSDP's gathered blocks (this one and the prefetched next); the root's embedding
-                 and output head while gathered; the all-to-all's send and receive rows of one
-                 MoE layer; with more than one micro-batch, the unsharded gradients of every
+                 and output head while gathered; with more than one micro-batch, the unsharded gradients of every
                  parameter this rank computes with (FSDP reduce-scatters after the last only)
     activations  what one micro-batch keeps for the backward pass (``activations.py``), scaled
                  from float32 to the compute dtype
@@ -41,6 +40,7 @@ class Assumptions:
     headroom: float = 0.10  # of the device memory left free (allocator fragmentation, workspace)
     compute_bytes: int = 2  # bytes per activation element (2: bf16 autocast; 4: float32)
     max_micro_batch: int = 8
+    expert_imbalance: float = 1.0  # the busiest EP rank's all-to-all rows over the mean (1: balanced routing)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ def estimate(
     a2a_rows = tokens_mb * args.num_experts_per_tok * args.hidden_size * a.compute_bytes if E > 1 else 0
     # two gathered blocks (this one and the prefetched next); their unsharded gradients, the
     # third candidate, were not part of the peak measured on the CPU (2 and 4 processes)
-    buffers = 2 * gathered_block + s.root * f32 + 2 * a2a_rows
+    # (the all-to-all's send and receive rows live within one MoE layer's pass, not at the step's peak)
+    buffers = 2 * gathered_block + s.root * f32
     if micro_steps > 1:  # the micro-batches before the last accumulate unsharded gradients (no reduce-scatter)
         buffers += (s.total - s.experts + s.experts / E) * f32
     saved = saved_bytes(args, M, seq_len)
@@ -162,7 +163,7 @@ def estimate(
         comm["all_reduce"] = 2 * (R - 1) / R * s.total / S * f32
     if E > 1:
         passes = 4 + (2 if layout.activation_checkpoint != "none" else 0)  # the recomputation exchanges again
-        comm["all_to_all"] = passes * micro_steps * s.moe_layers * a2a_rows * (E - 1) / E
+        comm["all_to_all"] = passes * micro_steps * s.moe_layers * a2a_rows * (E - 1) / E * a.expert_imbalance
     link = {
         "all_gather": chip.intra if chip.per_node >= S else chip.inter,
         "reduce_scatter": chip.intra if chip.per_node >= S else chip.inter,

@@ -66,8 +66,9 @@ def step_worker(
 ) -> None:
     """One rank of training steps of ``model`` (``local`` sequences of ``seq`` tokens) under each
     case (config settings for the layout, micro-batch size): a first step for FSDP's lazy
-    initialisation, then one counted. Rank 0 saves, per case, the bytes per collective and the
-    growth of its peak resident set during the counted step to ``out``. Start it with
+    initialisation, then one counted. Rank 0 saves, per case, the bytes per collective (its own,
+    and the mean and the largest over the ranks) and the growth of its peak resident set during
+    the counted step to ``out``. Start it with
     torch.multiprocessing (gloo, CPU; MALLOC_MMAP_THRESHOLD_=65536 in the environment makes the
     resident set follow the live tensors)."""
     import os
@@ -97,7 +98,12 @@ def step_worker(
             with counter:
                 _step(net, x, micro)
             growth = cpu.memory_stats()["peak_allocated"] - before
-            results.append({"sent": dict(counter.sent), "growth": growth})
+            every = [None] * world_size
+            dist.all_gather_object(every, dict(counter.sent))
+            kinds = {k for sent in every for k in sent}
+            mean = {k: sum(sent.get(k, 0.0) for sent in every) / world_size for k in kinds}
+            busiest = {k: max(sent.get(k, 0.0) for sent in every) for k in kinds}
+            results.append({"sent": dict(counter.sent), "mean": mean, "max": busiest, "growth": growth})
             del net
         if rank == 0:
             torch.save(results, out)
