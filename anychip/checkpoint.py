@@ -154,6 +154,7 @@ class Checkpointer:
         self._stager = DefaultStager(StagingOptions(True, False, True, True)) if accelerator else None
         self._staging = None
         self.fail_next_write: Exception | None = None  # fault injection (anychip.chaos): the next write raises it
+        self.snapshots = None  # anychip.snapshot.Snapshots: the state in shared memory, every few steps
 
     def step_dir(self, step: int) -> Path:
         return step_dir(self.root, step)
@@ -288,8 +289,33 @@ class Checkpointer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
+    def snapshot(self, step: int) -> dict[str, float]:
+        """Snapshot the state after ``step`` in shared memory when one is due. Returns the
+        loop's stalls for the step's metrics: ``snapshot_s`` (the call, when one was due) and
+        ``snapshot_wait_s`` (waits within the step for the previous one's background copy).
+        A failed snapshot is an event and a warning; the snapshots already kept stay."""
+        s = self.snapshots
+        if s is None:
+            return {}
+        out = {"snapshot_wait_s": s.waited_s} if s.waited_s else {}
+        s.waited_s = 0.0
+        if s.due(step):
+            try:
+                s.take(step)
+            except Exception as e:
+                self.log.event("snapshot_failed", step=step, error=f"{type(e).__name__}: {e}")
+                self.log.print(f"[yellow]warning: snapshot of step {step} failed ({escape(str(e))})[/yellow]")
+            out["snapshot_s"] = s.last_stall_s
+        return out
+
     def wait_staged(self) -> None:
-        """Block until the pending save has copied the state (before weights change)."""
+        """Block until the pending save (and a background snapshot) has copied the state
+        (before weights change)."""
+        if self.snapshots is not None:
+            try:
+                self.snapshots.wait()
+            except Exception as e:
+                self.log.event("snapshot_failed", step=self.state.step - 1, error=f"{type(e).__name__}: {e}")
         if self._staging is None:
             return
         t0 = time.perf_counter()
@@ -350,16 +376,22 @@ class Checkpointer:
     # -- load ------------------------------------------------------------------------
 
     def load_latest(self, before: int | None = None) -> int | None:
-        """Restore the newest verified checkpoint (with a step below ``before``, if given);
+        """Restore the newest state (with a step below ``before``, if given): the newest
+        snapshot every rank holds in shared memory, or a newer verified checkpoint on disk;
         returns its step, None when there is none.
 
         Rank 0 verifies and every rank loads the same one. Raises CheckpointError when a
         checkpoint's model shape differs from the config."""
+        from .snapshot import restorable_step
+
+        snap = restorable_step(self.snapshots, self.world, before)
         choice = None
         if self.world.is_main:
             for d in committed(self.root):
                 if before is not None and int(d.name[len(PREFIX) :]) >= before:
                     continue
+                if snap is not None and int(d.name[len(PREFIX) :]) <= snap:
+                    break  # the snapshot is as new: no disk read, no checksums
                 problem = verify(d)
                 if problem is None:
                     choice = str(d)
@@ -378,9 +410,17 @@ class Checkpointer:
             box = [choice]
             dist.broadcast_object_list(box, src=0)
             choice = box[0]
+        if choice is None and snap is not None:
+            t0 = time.perf_counter()
+            self.snapshots.restore(snap)
+            self.log.event("snapshot_load", step=snap, load_s=time.perf_counter() - t0)
+            return snap
         if choice is None:
             return None
-        return self._load(Path(choice))
+        step = self._load(Path(choice))
+        if self.snapshots is not None:
+            self.snapshots.drop_after(step)  # a rollback past them: their trajectory is given up
+        return step
 
     def _load(self, directory: Path) -> int:
         t0 = time.perf_counter()

@@ -56,12 +56,17 @@ def _train(a: argparse.Namespace) -> int:
     with RunLock(run_dir):  # before anything in the directory is touched; released however this ends
         if a.resume is None:
             check_new_run(run_dir)
-        if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
-            from .train.loop import train
+        from .snapshot import remove_run_snapshots
 
-            state = train(cfg, run_dir)
-            return 0 if state.step == cfg.train.steps or state.preempted else 1
-        return launch_workers(cfg, run_dir)
+        try:
+            if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
+                from .train.loop import train
+
+                state = train(cfg, run_dir)
+                return 0 if state.step == cfg.train.steps or state.preempted else 1
+            return launch_workers(cfg, run_dir)
+        finally:
+            remove_run_snapshots(run_dir)  # they serve restarts within this job only
 
 
 def launch_workers(cfg, run_dir: Path) -> int:

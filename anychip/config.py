@@ -228,6 +228,10 @@ class ParallelConfig:
     ep: Annotated[int, Range(gt=0)] = 1
     """Expert parallelism: routed experts split over this many ranks of the shard dimension, tokens sent
     to them by all-to-all; divides dp_shard and the routed experts (fsdp only)."""
+    restart_in_process: bool = True
+    """After an exception in a worker whose process is still healthy, every rank tears down its process
+    group and re-enters training in the same process (a new group, state from the newest snapshot),
+    up to max_restarts times per process; a dead or stuck worker still restarts the processes."""
     preempt_grace_s: Annotated[float, Range(gt=0)] = 30.0
     """After SIGTERM/SIGINT every rank checkpoints at the next step boundary and exits 0; SIGKILL after
     this many seconds."""
@@ -245,6 +249,12 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this; 0 = none."""
     async_save: bool = True
     """Stage and write in the background; false: the loop waits for the write."""
+    snapshot_interval: Annotated[int, Range(ge=0)] = 1
+    """Steps between snapshots in shared memory (two kept per rank, anychip/snapshot.py): a restart or
+    a rollback resumes from the newest one every rank holds, else from the disk checkpoint; 0 = none."""
+    snapshot_async: bool = True
+    """Copy snapshots in a background thread while the next step's forward and backward run (the loop
+    waits for it before the optimizer changes the weights); false: in the loop."""
 
 
 @dataclass

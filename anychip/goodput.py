@@ -4,21 +4,28 @@
     recomputed   step time of steps done again after a crash (work lost)
     ckpt stall   time the loop stood still for a checkpoint (the save call, and any wait
                  for background staging before the next optimizer step)
+    snap stall   the same for the snapshots in shared memory (metrics snapshot_s and
+                 snapshot_wait_s)
+    in-process   restarts within the worker process after a fault: from the failure to the
+                 state restored in a new process group (restart_in_process duration_s)
     restart      everything else between the first start and the last record:
                  process starts, resume, rendezvous, evaluation, time to detect a fault
 
-The four parts add up to the wall time by construction; goodput = productive / wall.
+The parts add up to the wall time by construction; goodput = productive / wall.
 
 Faults. Each `chaos_inject` event is a fault injected on purpose. Its detection is the first
 event, not already taken by an earlier injection, that answers its kind at or after it:
-    kill, exception: crash_detected or run_end (status "error": rank 0 sees a failed collective
-                     when another rank dies)                         hang: hang_detected
+    kill, exception: worker_failed (the first rank to fail records origin true), crash_detected
+                     or run_end (status "error")                     hang: hang_detected
     nan: nonfinite           bitflip: replica_mismatch               slow: straggler
     sdc: audit_mismatch      corrupt_checkpoint: checkpoint_corrupt  bad_batch: spike
     checkpoint_write: checkpoint_failed
 An injection with none is undetected. One hang is one fault: further hang_detected events of
 the same start (other ranks' watchdogs) and the crash_detected its kill causes at the next
-start are not counted; nor is the run_end of a run a guard stopped (the guard's event counts). Each detection event left over (faulty_hardware included) is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
+start are not counted; nor is the run_end of a run a guard stopped (the guard's event counts).
+One failure is one fault: the worker_failed of ranks that failed because of another (origin
+false), of the peers of a hung rank the watchdog killed, and the run_end and crash_detected
+of a start in which a worker failed are not counted. Each detection event left over (faulty_hardware included) is a real fault, named by its event: crash_detected "crash", hang_detected "hang", run_end
 "error", the others as they are; its step is the event's step (or last_step).
 
     latency      detection time - injection time; None when undetected or not injected
@@ -38,8 +45,8 @@ from .events import read_jsonl
 
 # a worker that dies on a rank other than 0 is seen by rank 0 as a failed collective: run_end "error"
 DETECTED_BY = {
-    "kill": ("crash_detected", "run_end"),
-    "exception": ("run_end", "crash_detected"),
+    "kill": ("worker_failed", "crash_detected", "run_end"),
+    "exception": ("worker_failed", "run_end", "crash_detected"),
     "hang": ("hang_detected",),
     "nan": ("nonfinite",),
     "bitflip": ("replica_mismatch",),
@@ -50,7 +57,7 @@ DETECTED_BY = {
     "sdc": ("audit_mismatch",),
 }
 DETECTIONS = {*(e for kinds in DETECTED_BY.values() for e in kinds), "faulty_hardware"}
-REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error"}
+REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error", "worker_failed": "crash"}
 
 
 @dataclass
@@ -62,7 +69,10 @@ class Goodput:
     restart_s: float
     steps: int
     recomputed_steps: int
-    restarts: int
+    restarts: int  # every restart: of the processes, and within them
+    snapshot_stall_s: float = 0.0
+    inprocess_restart_s: float = 0.0
+    inprocess_restarts: int = 0
     # plain lists and dicts, so that `anychip goodput --json` can dump them as they are
     faults: list[dict] = field(default_factory=list)  # one per fault, in time order
     fault_summary: dict[str, dict] = field(default_factory=dict)  # kind -> counts, latency, lost
@@ -93,7 +103,13 @@ def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
     staged = sum(e.get("stall_s", 0.0) for e in events if e["event"] == "checkpoint_staged")
     productive = max(productive - staged, 0.0)
     stall += staged
-    restart = max(wall - productive - recomputed - stall, 0.0)
+    # snapshots: the call is outside the step's time, a wait for a background copy inside it
+    waited = sum(m.get("snapshot_wait_s", 0.0) for m in metrics)
+    productive = max(productive - waited, 0.0)
+    snapshots = waited + sum(m.get("snapshot_s", 0.0) for m in metrics)
+    in_process = [e for e in events if e["event"] == "restart_in_process"]
+    in_process_s = sum(e.get("duration_s", 0.0) for e in in_process)
+    restart = max(wall - productive - recomputed - stall - snapshots - in_process_s, 0.0)
     found = faults(events, metrics)
     return Goodput(
         wall,
@@ -104,6 +120,9 @@ def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
         steps=len(last_index),
         recomputed_steps=len(metrics) - len(last_index),
         restarts=max(len(starts) - 1, 0),
+        snapshot_stall_s=snapshots,
+        inprocess_restart_s=in_process_s,
+        inprocess_restarts=len(in_process),
         faults=found,
         fault_summary=summarize_faults(found),
     )
@@ -182,16 +201,22 @@ def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]
     def attempt(t: float) -> int:
         return sum(s <= t for s in starts)
 
-    hung = set()
+    hung, failed = set(), set()
     out = []
     for d in detections:
         a = attempt(d["time"])
+        if d["event"] == "worker_failed":
+            if not d.get("origin", True) or a in hung or a in failed:
+                continue  # a consequence: of another rank's failure, or of a hung rank's kill
+            failed.add(a)
         if d["event"] == "hang_detected":
             if a in hung:
                 continue
             hung.add(a)
-        if d["event"] == "crash_detected" and (a in hung or a - 1 in hung):
+        if d["event"] == "crash_detected" and (a in hung or a - 1 in hung or a in failed or a - 1 in failed):
             continue  # logged by the next start, just before (or after) its run_start
+        if d["event"] == "run_end" and a in failed:
+            continue  # the failure's own record counts
         if d["event"] == "run_end" and d.get("error", "").startswith("GuardStop"):
             continue  # the guard's own event is the detection
         out.append(d)
@@ -220,9 +245,14 @@ def format_goodput(g: Goodput) -> str:
         ("productive steps", g.productive_s),
         ("recomputed (lost) steps", g.recomputed_s),
         ("checkpoint stalls", g.checkpoint_stall_s),
+        ("snapshot stalls", g.snapshot_stall_s),
+        ("in-process restarts", g.inprocess_restart_s),
         ("restarts, start-up, eval", g.restart_s),
     ]
-    lines = [f"wall time {g.wall_s:.1f} s, {g.steps} steps, {g.recomputed_steps} recomputed, {g.restarts} restarts"]
+    lines = [
+        f"wall time {g.wall_s:.1f} s, {g.steps} steps, {g.recomputed_steps} recomputed, {g.restarts} restarts "
+        f"({g.inprocess_restarts} in process)"
+    ]
     for name, t in rows:
         share = 100 * t / g.wall_s if g.wall_s else 0.0
         lines.append(f"  {name:<26}{t:>9.1f} s  {share:5.1f}%")

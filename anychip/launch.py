@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import load_config
@@ -110,13 +111,33 @@ def early_stacks(run_dir: Path) -> Path | None:
 
 
 def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int:
+    """Train; after a fault that left this process healthy (an exception, a peer's failure
+    seen as a failed collective), train again in this same process: a new process group,
+    the state from the newest snapshot (``parallel.restart_in_process``, at most
+    ``parallel.max_restarts`` times). Errors a restart cannot fix are not retried."""
     from .train.loop import train
 
     try:
         if attempt == 0 and int(os.environ.get("RANK", "0")) == 0:
             fatal.unlink(missing_ok=True)  # a new launch tries again
         cfg = load_config(a.config, a.sets)
-        train(cfg, run_dir)
+        generation, failed_at = 0, None
+        while True:
+            try:
+                train(cfg, run_dir, generation=generation, failed_at=failed_at)
+                return 0
+            except UNRECOVERABLE:
+                raise
+            except Exception as e:
+                p = cfg.parallel
+                if not (p.restart_in_process and generation < p.max_restarts):
+                    raise
+                failed_at = getattr(e, "failed_at", time.monotonic())
+                error = f"{type(e).__name__}: {e}"
+            # out of the handler: the failed start's frames, its model and its process group are released
+            generation += 1
+            rank = os.environ.get("RANK", "0")
+            print(f"anychip: rank {rank}: {error.splitlines()[0][:200]}; restarting in this process", file=sys.stderr)
     except UNRECOVERABLE as e:
         print(f"anychip: {e}", file=sys.stderr)  # a clear message, not a traceback
         if a.run_dir or os.environ.get("TORCHELASTIC_RUN_ID"):
@@ -124,7 +145,6 @@ def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int
                 run_dir.mkdir(parents=True, exist_ok=True)
                 fatal.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ FSDP2 (``fully_shard``) or DDP, applied from outside the model in a fixed order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class World:
     layout: Layout = Layout()
     ep_mesh: object | None = None  # 1-D: the ranks that share one token exchange (ep > 1)
     expert_mesh: object | None = None  # the ranks holding the same experts (FSDP of the experts; ep > 1)
+    store: object | None = None  # the job's store (the launcher's), under this start's prefix
 
     @property
     def is_main(self) -> bool:
@@ -83,10 +85,12 @@ class World:
         return self.world_size > 1
 
 
-def init_world(device: Device, timeout_s: float = 600.0, parallel=None) -> World:
+def init_world(device: Device, timeout_s: float = 600.0, parallel=None, generation: int = 0) -> World:
     """Join the process group torchrun / the elastic agent describes in the environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build the DeviceMesh of the
-    layout ``parallel`` asks for (``plan_layout``); a single process needs none."""
+    layout ``parallel`` asks for (``plan_layout``); a single process needs none.
+    ``generation``: how many times this process has restarted training in place (each
+    start gets a process group of its own)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -94,13 +98,14 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None) -> World
     device.set_current(local_rank)
     if world_size == 1:
         return World()
+    store = None
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         # the launcher's store outlives a restart of the workers: keys of the previous attempt
-        # (e.g. a dead rank's address) must not be read by the next one
+        # or generation (e.g. a dead rank's address) must not be read by the next one
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"anychip/attempt_{attempt}/", store)
+        store = dist.PrefixStore(f"anychip/attempt_{attempt}/generation_{generation}/", store)
         dist.init_process_group(device.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -116,12 +121,62 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None) -> World
         experts = init_device_mesh(device.type, (r, layout.dp_shard // ep, ep), mesh_dim_names=names)
         ep_mesh = experts["ep"]
         expert_mesh = experts["dp_replicate", "dp_shard_mod_ep"] if r > 1 else experts["dp_shard_mod_ep"]
-    return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh)
+    return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh, store)
 
 
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def first_failure(world: World) -> bool:
+    """Count a failure of this start in the job's store; True for the first rank to fail
+    (the fault's origin: the others fail because of it). True without a store."""
+    if world.store is None:
+        return True
+    try:
+        return world.store.add("failed", 1) == 1
+    except Exception:  # the store is gone (the launcher died): nobody is counting
+        return True
+
+
+def abort_world(world: World) -> None:
+    """Leave the process group at once so that every peer waiting on this rank fails now
+    instead of at its collective timeout, and learns of the fault within a collective.
+
+    Destroying the group is not enough where something still holds it (DDP's reducer keeps
+    a gloo group alive after the DDP module is gone), and gloo has no abort: the connections
+    to the peers are shut down at the socket level, every TCP connection of this process
+    except the one to the job's store (MASTER_ADDR:MASTER_PORT). A peer blocked on this rank
+    then gets "connection closed", tears down in turn, and so on through the ring. Only the
+    training's own connections exist in a worker; an accelerator's collective library (NCCL,
+    HCCL) is torn down by destroying the group (they have an abort)."""
+    if not world.distributed:
+        return
+    import gc
+    import socket
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    gc.collect()
+    store_port = int(os.environ.get("MASTER_PORT", "0"))
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return  # not Linux: the peers find out when this process exits
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not a socket
+        try:
+            if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
+                with contextlib.suppress(OSError):
+                    if s.getpeername()[1] != store_port:
+                        s.shutdown(socket.SHUT_RDWR)
+        finally:
+            s.detach()
 
 
 def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:

@@ -38,6 +38,8 @@ COLORS = {
     "restart": "#8172b3",
     "rollback": "#937860",
     "stall": "#55a868",
+    "snapshots": "#8c8c8c",
+    "in-process restarts": "#da8bc3",
     "start-up, eval": "#8172b3",
 }
 
@@ -275,6 +277,8 @@ def timeline(run: Run) -> str | None:
         ("productive", g.productive_s),
         ("recomputed", g.recomputed_s),
         ("stall", g.checkpoint_stall_s),
+        ("snapshots", g.snapshot_stall_s),
+        ("in-process restarts", g.inprocess_restart_s),
         ("start-up, eval", g.restart_s),
     ]
     left = 0.0
@@ -282,8 +286,10 @@ def timeline(run: Run) -> str | None:
         bar.barh([0], [seconds], left=left, color=COLORS[name], label=f"{name} {seconds:.1f} s")
         left += seconds
     bar.set_yticks([])
-    bar.set_xlabel("wall time (s): productive steps, recomputed steps, checkpoint stalls, restarts, start-up and eval")
-    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=4, frameon=False, fontsize=7)
+    bar.set_xlabel(
+        "wall time (s): productive steps, recomputed steps, checkpoint and snapshot stalls, restarts, start-up and eval"
+    )
+    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=3, frameon=False, fontsize=7)
     bar.grid(False)
     fig.tight_layout()
     return to_svg(fig)

@@ -25,7 +25,8 @@ def overview(run: Run) -> list[tuple[str, str]]:
     strategy = start.get("strategy", par.get("strategy", "?"))
     time_split = (
         f"{g.ratio:.1%} (productive {_duration(g.productive_s)}, recomputed {_duration(g.recomputed_s)}, "
-        f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, restarts, start-up and evaluation "
+        f"checkpoint stalls {_duration(g.checkpoint_stall_s)}, snapshot stalls {_duration(g.snapshot_stall_s)}, "
+        f"restarts in process {_duration(g.inprocess_restart_s)}, other restarts, start-up and evaluation "
         f"{_duration(g.restart_s)})"
     )
     rows = [
@@ -41,7 +42,7 @@ def overview(run: Run) -> list[tuple[str, str]]:
         ("software", f"torch {start.get('torch', '?')}, python {start.get('python', '?')}"),
         ("wall time", _duration(g.wall_s)),
         ("goodput", time_split),
-        ("restarts", str(g.restarts)),
+        ("restarts", f"{g.restarts} ({g.inprocess_restarts} in process)"),
         ("faults", ", ".join(f"{k} {v['count']}" for k, v in g.fault_summary.items()) or "none"),
         ("rollbacks", str(sum(e["event"] == "rollback" for e in run.events))),
         ("checkpoints", _checkpoints(run)),

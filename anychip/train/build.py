@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from ..models.hf import remove_save_leftovers
 from ..parallel import World, parallelize, unwrap
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
 from ..rl.policy import PolicyLoss
+from ..snapshot import Snapshots
 from .hooks import Hooks, TrainState
 from .lm import NextTokenLoss
 from .metrics import StepMeter
@@ -65,9 +67,20 @@ class Trainer:
     amp: torch.dtype | None  # autocast dtype; None: float32
 
 
-def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog, hooks: Hooks, preemption) -> Trainer:
-    """Build the run of ``cfg`` on this rank; resumes from the newest checkpoint of
-    ``run_dir``. Input faults (a garbage tokenizer file, an empty corpus, task options
+def build(
+    cfg: Config,
+    run_dir: Path,
+    device: Device,
+    world: World,
+    log: RunLog,
+    hooks: Hooks,
+    preemption,
+    generation: int = 0,
+    failed_at: float | None = None,
+) -> Trainer:
+    """Build the run of ``cfg`` on this rank; resumes from the newest snapshot or checkpoint
+    of ``run_dir``. ``generation`` > 0: a restart in this process after the failure at
+    ``failed_at`` (time.monotonic()). Input faults (a garbage tokenizer file, an empty corpus, task options
     reasoning-gym refuses) are ConfigErrors naming the key."""
     t = cfg.train
     if world.is_main:
@@ -98,7 +111,7 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
         fsdp = cfg.parallel.strategy == "fsdp"
         with input_error("grpo.rewards", cfg.grpo.rewards):  # imports the reward functions it names
             state.data = RolloutBatches(cfg.grpo, t.micro_batch, fsdp, state, source)
-    _log_start(cfg, state)
+    _log_start(cfg, state, generation)
 
     core = unwrap(model)
     local_rows = t.global_batch // world.world_size
@@ -115,6 +128,12 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
         objective = NextTokenLoss(core.args, len(core.mtp), t.seq_len, t.global_batch)
     identity = RunIdentity(cfg.to_toml(), cfg.digest(), t.seed)
     checkpointer = state.checkpointer = Checkpointer(state, run_dir / "checkpoints", cfg.checkpoint, t.steps, identity)
+    if cfg.checkpoint.snapshot_interval:
+        first_start = generation == 0 and not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        c = cfg.checkpoint
+        checkpointer.snapshots = Snapshots(
+            state, run_dir, c.snapshot_interval, identity.digest, c.snapshot_async, fresh=first_start
+        )
     heldout = HeldoutLoss(cfg.eval.interval, t.steps, [], micro, amp, device.type, world)
     guards = build_guards(
         cfg.guards,
@@ -148,7 +167,9 @@ def build(cfg: Config, run_dir: Path, device: Device, world: World, log: RunLog,
     if world.is_main:  # written once the config is known to fit the checkpoint
         (run_dir / "config.toml").write_text(identity.config_toml)
     if state.step:
-        log.print(f"resumed from the checkpoint of step {state.step}")
+        log.print(f"resumed from step {state.step}")
+    if generation and failed_at is not None:
+        log.event("restart_in_process", generation=generation, step=state.step, duration_s=time.monotonic() - failed_at)
     heldout.batches = heldout_batches(cfg, tokenizer, world)
     return Trainer(
         state=state,
@@ -238,7 +259,7 @@ def _data_spec(cfg: Config) -> str:
     return f"{d.source} corpus {d.path}"
 
 
-def _log_start(cfg: Config, state: TrainState) -> None:
+def _log_start(cfg: Config, state: TrainState, generation: int = 0) -> None:
     """The run_start event (and a restart's, a crash's and a fresh MTP module's), and the
     removal of a final save that a crash cut short."""
     log, world, device, run_dir = state.log, state.world, state.device, state.run_dir
@@ -263,6 +284,7 @@ def _log_start(cfg: Config, state: TrainState) -> None:
         parameters=total,
         activated=active,
         restart=restart,
+        generation=generation,
         pid=os.getpid(),
     )
     if restart:

@@ -6,7 +6,7 @@
         gradients of the objective over the micro-batches      (anychip.train.step)
         clip; the guards' verdict, agreed over ranks           not GO: carry it out (verdicts.py)
         lr; optimizer step; balancing-bias update
-        metrics, held-out loss when due, checkpoint when due   ... after_step
+        metrics, held-out loss, checkpoint, snapshot when due  ... after_step
         stop here if a preemption was asked for
     finish (anychip.train.finish): final model, held-out accuracy
 
@@ -16,6 +16,7 @@ Each component decides when it is due (``checkpointer.save(step)`` saves only wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from rich.markup import escape
 from ..config import Config
 from ..device import get_device
 from ..guards.base import Action, StepView
-from ..parallel import all_reduce_sum, close_world, init_world, unwrap
+from ..events import append_event
+from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, unwrap
 from .build import Trainer, build, build_source
 from .finish import finish
 from .hooks import Hooks, TrainState
@@ -37,24 +39,45 @@ from .step import clip_grad_norm, forward_backward
 from .verdicts import carry_out
 
 
-def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> TrainState:
-    """Run ``cfg`` to the end in this process (one rank of the job); returns the final state."""
+def train(
+    cfg: Config, run_dir: str | Path, hooks: Hooks | None = None, generation: int = 0, failed_at: float | None = None
+) -> TrainState:
+    """Run ``cfg`` to the end in this process (one rank of the job); returns the final state.
+
+    ``generation``: how many times this process restarted training in place after a fault
+    (``anychip.launch``), the last one at ``failed_at`` (time.monotonic())."""
     run_dir = Path(run_dir)
     hooks = hooks or Hooks()
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
-    world = init_world(device, cfg.guards.collective_timeout_s, cfg.parallel)
+    world = init_world(device, cfg.guards.collective_timeout_s, cfg.parallel, generation)
     t = cfg.train
     log = RunLog(run_dir, world.is_main, t.steps, cfg.log.tensorboard, cfg.log.progress, t.log_interval)
     preemption = Preemption()
     trainer = None
+    failed = False
     try:
-        trainer = build(cfg, run_dir, device, world, log, hooks, preemption)
+        trainer = build(cfg, run_dir, device, world, log, hooks, preemption, generation, failed_at)
         train_time = run(trainer)
         if train_time is not None:
             finish(trainer.state, cfg.eval, build_source(cfg, "heldout"), train_time)
             hooks("on_end", trainer.state)
+        if trainer.state.checkpointer.snapshots is not None:
+            trainer.state.checkpointer.snapshots.remove()  # done (or preempted, with a checkpoint of this step)
         return trainer.state
     except BaseException as e:
+        failed = True
+        with contextlib.suppress(AttributeError, TypeError):
+            e.failed_at = time.monotonic()  # for a restart in this process (anychip.launch)
+        # first of all, on record: this rank failed, and whether it was the first (the fault's origin)
+        with contextlib.suppress(OSError):  # no run directory yet: nothing to record in
+            append_event(
+                run_dir,
+                "worker_failed",
+                rank=world.rank,
+                origin=first_failure(world),
+                step=trainer.state.step if trainer is not None else None,
+                error=f"{type(e).__name__}: {e}",
+            )
         hooks.close()  # the watchdog first: the wait below is not a hang
         if trainer is not None:
             trainer.state.checkpointer.wait(barrier=False)  # a good checkpoint in flight still commits
@@ -64,7 +87,10 @@ def train(cfg: Config, run_dir: str | Path, hooks: Hooks | None = None) -> Train
         preemption.close()
         hooks.close()
         log.close()
-        close_world(world)
+        if failed:
+            abort_world(world)  # the peers waiting on this rank fail now, not at a timeout
+        else:
+            close_world(world)
 
 
 def run(trainer: Trainer) -> float | None:
@@ -118,11 +144,12 @@ def train_step(trainer: Trainer) -> bool:
     metrics = state.metrics = trainer.meter.measure(state.figures, result.work, lr, view.grad_norm, loads, extra)
     if trainer.heldout.due(step):
         metrics["eval_loss"] = trainer.heldout(model)
-    log.metrics(step, metrics)
-    log.expert_load(step, loads, trainer.meter.moe_names)  # the report's heatmaps (bounded in size)
     if trainer.references is not None and trainer.references.due(step):
         trainer.references.reset(step)
     state.checkpointer.save(step)
+    metrics.update(state.checkpointer.snapshot(step))  # in shared memory: what a restart resumes from
+    log.metrics(step, metrics)
+    log.expert_load(step, loads, trainer.meter.moe_names)  # the report's heatmaps (bounded in size)
     trainer.guards.completed(view, metrics, agreement)
     hooks("after_step", state)
     log.advance(step, f"loss {state.figures['loss']:.3f}")
