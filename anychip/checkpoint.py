@@ -375,16 +375,16 @@ class Checkpointer:
 
     # -- load ------------------------------------------------------------------------
 
-    def load_latest(self, before: int | None = None) -> int | None:
+    def load_latest(self, before: int | None = None, disk_only: bool = False) -> int | None:
         """Restore the newest state (with a step below ``before``, if given): the newest
-        snapshot every rank holds in shared memory, or a newer verified checkpoint on disk;
-        returns its step, None when there is none.
+        snapshot every rank holds in shared memory, or a newer verified checkpoint on disk
+        (only a checkpoint with ``disk_only``); returns its step, None when there is none.
 
         Rank 0 verifies and every rank loads the same one. Raises CheckpointError when a
         checkpoint's model shape differs from the config."""
         from .snapshot import restorable_step
 
-        snap = restorable_step(self.snapshots, self.world, before)
+        snap = None if disk_only else restorable_step(self.snapshots, self.world, before)
         choice = None
         if self.world.is_main:
             for d in committed(self.root):

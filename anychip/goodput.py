@@ -107,7 +107,7 @@ def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
     waited = sum(m.get("snapshot_wait_s", 0.0) for m in metrics)
     productive = max(productive - waited, 0.0)
     snapshots = waited + sum(m.get("snapshot_s", 0.0) for m in metrics)
-    in_process = [e for e in events if e["event"] == "restart_in_process"]
+    in_process = [e for e in events if e["event"] == "restart_in_process" and e.get("rank", 0) == 0]
     in_process_s = sum(e.get("duration_s", 0.0) for e in in_process)
     restart = max(wall - productive - recomputed - stall - snapshots - in_process_s, 0.0)
     found = faults(events, metrics)

@@ -130,6 +130,7 @@ class Snapshots:
             records = self._records()
             self._newest = max(records, key=lambda s: records[s]["step"], default=1)
         slot = self._newest = 1 - self._newest
+        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"slot{slot}.json").unlink(missing_ok=True)  # that slot is invalid from here on
         tensors = self._tensors()
         data = json.loads(json.dumps(self.state.data.state_dict()))  # a copy: the next step moves the data on
@@ -153,7 +154,6 @@ class Snapshots:
 
     def _write(self, slot: int, step: int, tensors: dict[str, torch.Tensor], data: dict) -> None:
         entries, nbytes, groups = self._layout(tensors)
-        self.dir.mkdir(parents=True, exist_ok=True)
         memory = self._map(slot, nbytes)
         if self._views.get(slot, (None,))[0] is not memory:  # views into this very mapping, this layout
             self._views[slot] = (memory, [self._view(memory, entries[name]) for name in tensors])

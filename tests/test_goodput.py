@@ -159,3 +159,46 @@ def test_one_hang_is_one_fault(tmp_path):
     g = goodput(write_run(tmp_path / "run", events, steps(1, 4, 98.0) + steps(3, 8, 112.0)))
     assert [(f["kind"], f["injected"], f["detected_by"]) for f in g.faults] == [("hang", True, "hang_detected")]
     assert g.faults[0]["latency_s"] == pytest.approx(6.0)
+
+
+def test_one_failure_is_one_fault_and_restarts_in_process_have_their_row(tmp_path):
+    """An exception on rank 1: its worker_failed (origin) is the detection; rank 0's, which failed
+    because of it, and rank 0's run_end are not faults of their own. A kill on rank 0: the survivor's
+    worker_failed answers it, the next start's crash_detected does not count again. A hang: the
+    peers' failures after the watchdog's kill are the hang's. The in-process restart (rank 0's
+    record) and the snapshot stalls have rows of their own, and the rows still add up to the wall."""
+    events = [
+        ev(0.0, "run_start", generation=0),
+        ev(3.0, "chaos_inject", kind="exception", step=5, rank=1),
+        ev(3.01, "worker_failed", rank=1, origin=True, step=5, error="ChaosError: x"),
+        ev(3.05, "worker_failed", rank=0, origin=False, step=5, error="RuntimeError: Connection closed"),
+        ev(3.06, "run_end", status="error", error="RuntimeError: Connection closed"),
+        ev(3.2, "run_start", generation=1),
+        ev(3.3, "restart_in_process", rank=0, generation=1, step=4, duration_s=0.3),
+        ev(3.31, "restart_in_process", rank=1, generation=1, step=4, duration_s=0.31),
+        ev(6.0, "chaos_inject", kind="kill", step=9, rank=0),
+        ev(6.2, "worker_failed", rank=1, origin=True, step=9, error="RuntimeError: Connection closed"),
+        ev(9.0, "run_start", generation=0),
+        ev(9.1, "crash_detected", last_step=8, last_record=6.0),
+        ev(11.0, "chaos_inject", kind="hang", step=12, rank=1),
+        ev(18.0, "hang_detected", rank=1, step=12, silent_s=6.0, timeout_s=6.0),
+        ev(18.1, "worker_failed", rank=0, origin=True, step=12, error="RuntimeError: Connection closed"),
+        ev(21.0, "run_start", generation=0),
+        ev(24.0, "run_end", status="ok"),
+    ]
+    metrics = steps(1, 4, 1.0) + steps(5, 8, 3.5) + steps(9, 11, 9.5) + steps(12, 14, 21.5)
+    for m in metrics:
+        m["snapshot_s"] = 0.01
+    metrics[3]["snapshot_wait_s"] = 0.1
+    g = goodput(write_run(tmp_path / "run", events, metrics))
+    found = [(f["kind"], f["injected"], f["detected_by"]) for f in g.faults]
+    assert found == [("exception", True, "worker_failed"), ("kill", True, "worker_failed"), ("hang", True, "hang_detected")]
+    exception = g.faults[0]
+    assert exception["latency_s"] == pytest.approx(0.01)
+    assert g.inprocess_restarts == 1 and g.inprocess_restart_s == pytest.approx(0.3)
+    assert g.restarts == 3
+    assert g.snapshot_stall_s == pytest.approx(14 * 0.01 + 0.1)
+    parts = g.productive_s + g.recomputed_s + g.checkpoint_stall_s + g.snapshot_stall_s
+    parts += g.inprocess_restart_s + g.restart_s
+    assert parts == pytest.approx(g.wall_s)
+    assert "in-process restarts" in format_goodput(g) and "(1 in process)" in format_goodput(g)

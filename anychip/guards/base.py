@@ -32,6 +32,7 @@ class Verdict:
     reason: str
     before: int | None = None  # ROLLBACK: the checkpoint must precede this step
     skip_data: bool = False  # ROLLBACK: also skip the batches between the checkpoint and this step
+    verified: bool = False  # ROLLBACK: the weights themselves are suspect: only to a checkpoint the replicas agreed on
     event: str = ""  # the event the agreed rank records (e.g. "spike"), with ``detail`` as its fields
     detail: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # figures for this step's metrics (e.g. straggler_ratio)
@@ -94,13 +95,14 @@ class Agreement:
     skip_data: bool
     winner: int  # the rank whose verdict was agreed on (it records the event)
     lateness: list[float]  # per rank: seconds after the first rank that it reached the agreement
+    verified: bool = False  # ROLLBACK: to a disk checkpoint (verified when written), not a snapshot
     stop_requested: bool = False  # some rank was asked to stop (a preemption signal)
     metrics: dict = field(default_factory=dict)  # this rank's guards' figures for the step
 
 
 def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agreement:
     """The strongest verdict over all ranks (with its rollback target), each rank's
-    arrival time and whether any rank was asked to stop: one all-gather of five numbers
+    arrival time and whether any rank was asked to stop: one all-gather of six numbers
     per rank per step."""
     mine = max((v for v in verdicts if v.action != Action.GO), key=lambda v: v.action, default=None)
     row = [
@@ -109,6 +111,7 @@ def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agree
         float(mine.before) if mine and mine.before is not None else -1.0,
         1.0 if mine and mine.skip_data else 0.0,
         1.0 if stop_requested else 0.0,
+        1.0 if mine and mine.verified else 0.0,
     ]
     if not world.distributed:
         table = torch.tensor([row], dtype=torch.float64)
@@ -127,6 +130,7 @@ def agree(verdicts: list[Verdict], world, stop_requested: bool = False) -> Agree
         before=None if before < 0 else before,
         skip_data=bool(table[winner, 3].item()),
         winner=winner,
+        verified=bool(table[winner, 5].item()),
         lateness=(arrivals - arrivals.min()).tolist(),
         stop_requested=bool(table[:, 4].max().item()),
         metrics={k: v for verdict in verdicts for k, v in verdict.metrics.items()},

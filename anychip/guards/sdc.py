@@ -70,7 +70,9 @@ class ReplicaCheck(Guard):
         who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
         detail = {"ranks": suspects, "majority": majority, "fingerprints": [str(f) for f in prints]}
         reason = f"parameters differ between replicas: {who}"
-        return Verdict(action, "replica_check", reason, event="replica_mismatch", detail=detail)
+        # a snapshot may hold the corruption (it is not checked when taken): back to a checkpoint,
+        # which is written only from weights the replicas agreed on
+        return Verdict(action, "replica_check", reason, verified=True, event="replica_mismatch", detail=detail)
 
     def completed(self, view: StepView, metrics: dict, agreement) -> None:
         self.budget.progress(view.step)

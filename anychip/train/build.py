@@ -44,7 +44,7 @@ from .lm import NextTokenLoss
 from .metrics import StepMeter
 from .optim import build_optimizer
 from .preempt import Preemption
-from .runlog import RunLog, read_jsonl
+from .runlog import RunLog, append_event, read_jsonl
 from .step import Objective, autocast_dtype
 
 
@@ -168,8 +168,9 @@ def build(
         (run_dir / "config.toml").write_text(identity.config_toml)
     if state.step:
         log.print(f"resumed from step {state.step}")
-    if generation and failed_at is not None:
-        log.event("restart_in_process", generation=generation, step=state.step, duration_s=time.monotonic() - failed_at)
+    if generation and failed_at is not None:  # every rank records its own (the ledger counts rank 0's)
+        fields = {"rank": world.rank, "generation": generation, "step": state.step}
+        append_event(run_dir, "restart_in_process", **fields, duration_s=time.monotonic() - failed_at)
     heldout.batches = heldout_batches(cfg, tokenizer, world)
     return Trainer(
         state=state,

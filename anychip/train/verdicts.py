@@ -3,7 +3,8 @@ changed in the step: every action starts by dropping its gradients.
 
     RETRY     the same batch again (a transient fault leaves no trace)
     SKIP      the step counts, its batch is dropped (it still gets its checkpoint)
-    ROLLBACK  the newest verified checkpoint before the fault; optionally skip the batches since
+    ROLLBACK  the newest snapshot or checkpoint before the fault (a checkpoint when the weights
+              themselves are suspect); optionally skip the batches since
     STOP      end the run with GuardStop, which says why
 """
 
@@ -53,7 +54,7 @@ def roll_back(state: TrainState, agreed: Agreement, reason: str, guards: Guards,
     hooks("before_rollback", state)
     drawn = state.data.stats["batches"]
     state.checkpointer.wait()
-    back = state.checkpointer.load_latest(before=agreed.before)
+    back = state.checkpointer.load_latest(before=agreed.before, disk_only=agreed.verified)
     if back is None:
         raise GuardStop(f"step {step}: {reason}; no checkpoint to roll back to")
     unwrap(state.model).clear_expert_loads()

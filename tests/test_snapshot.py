@@ -1,0 +1,167 @@
+"""Snapshots in shared memory and restarts within the process: a fault costs a step or two
+of work, and the run still ends bit-identical to one that never failed."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anychip.config import load_config
+from anychip.snapshot import run_root
+from anychip.train.hooks import Hooks
+from anychip.train.loop import train
+from anychip.train.runlog import read_jsonl
+
+from conftest import run_command
+
+RUN = [
+    "model.preset=debug",
+    "train.global_batch=4",
+    "train.seq_len=48",
+    "train.warmup_steps=2",
+    "train.mode=pretrain",
+    "eval.n=0",
+    "log.tensorboard=false",
+    "device.type=cpu",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(run_dir: Path, *sets: str, timeout: float = 300):
+    args = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
+    for s in (*RUN, *sets):
+        args += ["--set", s]
+    r = run_command(args, ENV, timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == kind]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+def live_state(state) -> dict:
+    """Copies of everything a snapshot must give back."""
+    out = {f"model/{k}": v.clone() for k, v in state.model.state_dict().items()}
+    names = {p: n for n, p in state.model.named_parameters()}
+    for p, st in state.optimizer.state.items():
+        out.update({f"optim/{names[p]}/{k}": v.clone() for k, v in st.items()})
+    out.update({f"rng/{k}": v.clone() for k, v in state.device.rng_state().items()})
+    return out
+
+
+def test_snapshots_keep_two_copies_at_most_and_never_a_nonfinite_one(tmp_path):
+    """Every step's snapshot leaves at most two slots on this rank; a snapshot holding a
+    non-finite value is refused and the newest one kept stays; the memory is freed at the end."""
+    cfg = load_config(None, [*RUN, "train.steps=7", "checkpoint.interval=0"])
+    root = run_root(tmp_path / "run") / "rank0"
+    seen, checked = [], {}
+
+    def after_step(state):
+        seen.append(sorted(p.name for p in root.iterdir()))
+        snaps = state.checkpointer.snapshots
+        if state.step == 6:
+            snaps.wait()
+            checked["before"] = snaps.steps()
+            p = next(iter(state.model.parameters()))
+            saved = p.data.view(-1)[0].item()
+            p.data.view(-1)[0] = math.nan
+            snaps.background = False
+            with pytest.raises(FloatingPointError, match="non-finite"):
+                snaps.take(6)
+            p.data.view(-1)[0] = saved
+            checked["after"] = snaps.steps()
+
+    hooks = Hooks()
+    hooks.add("after_step", after_step)
+    state = train(cfg, tmp_path / "run", hooks)
+    assert state.step == 7
+    assert checked == {"before": [5, 6], "after": [6]}  # the slot written into was given up, not the newest
+    assert len(seen) == 7 and all(sum(f.endswith(".bin") for f in files) <= 2 for files in seen)
+    assert all(sum(f.endswith(".json") for f in files) <= 2 for files in seen)
+    assert not root.exists(), "the run ended: its snapshot memory is freed"
+
+
+def test_a_snapshot_gives_back_the_whole_state_bit_for_bit(tmp_path):
+    """Restoring the snapshot of step 4 at step 5 gives back the model, the optimizer state
+    (into an optimizer that has none, as in a new process), the RNG and the data position
+    of step 4, bit for bit."""
+    cfg = load_config(None, [*RUN, "train.steps=6", "checkpoint.interval=0", "checkpoint.snapshot_interval=2"])
+    restored = {}
+
+    def at_step(state):
+        snaps = state.checkpointer.snapshots
+        if state.step == 4:
+            snaps.wait()
+            restored["want"], restored["data"] = live_state(state), state.data.state_dict()
+        if state.step == 5:
+            restored["steps"] = snaps.steps()
+            state.optimizer.state.clear()
+            state.data.next_batch()  # the data moved on
+            torch.rand(3)  # and so did the RNG
+            snaps.restore(4)
+            restored["got"], restored["data_got"] = live_state(state), state.data.state_dict()
+
+    hooks = Hooks()
+    hooks.add("after_step", at_step)
+    train(cfg, tmp_path / "run", hooks)
+    assert restored["steps"] == [2, 4]
+    want, got = restored["want"], restored["got"]
+    assert want.keys() == got.keys() and any(k.startswith("optim/") for k in want)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert restored["data"] == restored["data_got"]
+
+
+def test_a_kill_right_after_and_right_before_a_snapshot_resumes_from_it(tmp_path):
+    """One worker under the launcher, a snapshot every 4 steps and no disk checkpoint: killed
+    at the start of step 10 (the snapshot of step 8 complete) it resumes from step 8; killed at
+    the start of step 16, before that step's snapshot, from step 12. It ends bit-identical to a
+    run that was never killed, and the snapshot memory is gone when the job ends."""
+    sets = ["train.steps=17", "checkpoint.interval=0", "checkpoint.snapshot_interval=4", "parallel.max_restarts=3"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cli(clean, *sets)
+    cli(killed, *sets, "chaos.at=kill@10,kill@16")
+    assert [e["step"] for e in events(killed, "snapshot_load")] == [8, 12]
+    assert not events(killed, "checkpoint_load")
+    starts = events(killed, "run_start")
+    assert [e["restart"] for e in starts] == [0, 1, 2]  # the process itself was gone: new ones
+    assert_same_weights(killed, clean)
+    assert not run_root(killed).exists()
+
+
+def test_an_exception_on_one_rank_restarts_both_in_process_within_2s(tmp_path):
+    """Rank 1 raises at the start of step 6 while rank 0 goes on into the step's gradient
+    all-reduce. Rank 0's collective fails at once (rank 1 shut its connections), both ranks
+    re-enter training in the same processes within 2 s, from the snapshot of step 5, and the
+    run ends bit-identical to one without the fault."""
+    sets = ["train.steps=9", "parallel.nproc=2", "parallel.strategy=ddp", "checkpoint.interval=0"]
+    sets += ["parallel.max_restarts=2"]
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    cli(clean, *sets)
+    cli(faulty, *sets, "chaos.at=exception@6:1")
+    [inject] = events(faulty, "chaos_inject")
+    failed = {e["rank"]: e for e in events(faulty, "worker_failed")}
+    assert failed[1]["origin"] and "ChaosError" in failed[1]["error"]
+    assert not failed[0]["origin"] and "Connection" in failed[0]["error"]  # it was inside a collective
+    restarts = {e["rank"]: e for e in events(faulty, "restart_in_process")}
+    assert set(restarts) == {0, 1}
+    for rank, e in restarts.items():
+        assert e["time"] - inject["time"] < 2.0, (rank, e["time"] - inject["time"])
+        assert e["step"] == 5 and e["generation"] == 1
+    starts = events(faulty, "run_start")
+    assert [(e["restart"], e["generation"]) for e in starts] == [(0, 0), (0, 1)]
+    assert starts[0]["pid"] == starts[1]["pid"]  # rank 0's process: the same one
+    assert [e["step"] for e in events(faulty, "snapshot_load")] == [5]
+    assert_same_weights(faulty, clean)
