@@ -338,6 +338,7 @@ class Checkpointer:
                 write_s = time.perf_counter() - t0
                 self.log.event("checkpoint_commit", step=step, write_s=write_s, path=str(final), bytes=size)
                 self._retire()
+                self._scrub(final)
         except Exception as e:
             self._failed(step, e)
         finally:
@@ -373,6 +374,29 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
             self.log.event("checkpoint_retire", step=step)
 
+    def _scrub(self, newest: Path) -> None:
+        """Check the checkpoints kept besides ``newest`` against their manifests (in the
+        writer's thread, after a commit): one altered at rest is found now, and set aside,
+        rather than when it is needed (a restart from a snapshot reads no checkpoint)."""
+        for d in committed(self.root):
+            if d != newest:
+                self._set_aside_if_corrupt(d)
+
+    def _set_aside_if_corrupt(self, d: Path) -> bool:
+        """True when ``d`` matches its manifest; else a ``checkpoint_corrupt`` event, and the
+        directory renamed ``corrupt_<name>``: kept for inspection, never loaded again, never
+        counted by ``checkpoint.keep`` (committed() reads only step_<digits>)."""
+        problem = verify(d)
+        if problem is None:
+            return True
+        self.log.event("checkpoint_corrupt", path=str(d), problem=problem)
+        self.log.print(f"[yellow]checkpoint {escape(d.name)} is unusable: {escape(problem)}[/yellow]")
+        aside, n = d.with_name(f"corrupt_{d.name}"), 1  # numbered when the step was set aside before
+        while aside.exists():
+            aside, n = d.with_name(f"corrupt_{d.name}_{n}"), n + 1
+        d.rename(aside)
+        return False
+
     # -- load ------------------------------------------------------------------------
 
     def load_latest(self, before: int | None = None, disk_only: bool = False) -> int | None:
@@ -392,20 +416,9 @@ class Checkpointer:
                     continue
                 if snap is not None and int(d.name[len(PREFIX) :]) <= snap:
                     break  # the snapshot is as new: no disk read, no checksums
-                problem = verify(d)
-                if problem is None:
+                if self._set_aside_if_corrupt(d):  # else: the previous one is tried
                     choice = str(d)
                     break
-                self.log.event("checkpoint_corrupt", path=str(d), problem=problem)
-                self.log.print(
-                    f"[yellow]checkpoint {escape(d.name)} is unusable: {escape(problem)}; trying the previous one[/yellow]"
-                )
-                # aside, kept for inspection: never loaded again, never counted by checkpoint.keep
-                # (committed() reads only step_<digits>); numbered when the step was set aside before
-                aside, n = d.with_name(f"corrupt_{d.name}"), 1
-                while aside.exists():
-                    aside, n = d.with_name(f"corrupt_{d.name}_{n}"), n + 1
-                d.rename(aside)
         if self.world.distributed:
             box = [choice]
             dist.broadcast_object_list(box, src=0)

@@ -275,3 +275,34 @@ def test_resume_below_the_checkpoint_step_is_refused(reference, tmp_path):
     with pytest.raises(ConfigError, match="train.steps = 10 is below the step of the checkpoint to resume, 16"):
         train(load_config(run / "config.toml", ["train.steps=10"]), run)
     assert (run / "config.toml").read_text() == before  # the refused config did not replace the run's
+
+
+def test_a_checkpoint_altered_at_rest_is_found_at_the_next_commit(tmp_path):
+    """A restart from a snapshot reads no checkpoint, so corruption at rest is looked for after
+    each commit: one byte of the checkpoint of step 4, altered during step 5, is found when the
+    checkpoint of step 8 commits, and set aside; training goes on."""
+    from anychip.train.hooks import Hooks
+
+    def alter(state):
+        if state.step == 5:
+            state.checkpointer.wait()
+            target = max((p for p in state.checkpointer.step_dir(4).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            with open(target, "r+b") as f:
+                f.seek(target.stat().st_size // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
+
+    hooks = Hooks()
+    hooks.add("after_step", alter)
+    run = tmp_path / "run"
+    state = train(load_config(None, [*RUN, "train.steps=9"]), run, hooks)
+    assert state.step == 9
+    events = lines(run / "events.jsonl")
+    [bad] = [e for e in events if e["event"] == "checkpoint_corrupt"]
+    assert Path(bad["path"]).name == "step_00000004" and "checksum" in bad["problem"]
+    found = next(i for i, e in enumerate(events) if e is bad)
+    commit8 = next(i for i, e in enumerate(events) if e["event"] == "checkpoint_commit" and e["step"] == 8)
+    assert found > commit8
+    assert (run / "checkpoints" / "corrupt_step_00000004").is_dir()
+    assert [d.name for d in committed(run / "checkpoints")] == ["step_00000009", "step_00000008", "step_00000000"]

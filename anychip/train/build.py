@@ -281,6 +281,7 @@ def _log_start(cfg: Config, state: TrainState, generation: int = 0) -> None:
         activation_checkpoint=cfg.train.activation_checkpoint,
         compile=cfg.train.compile,
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
         python=platform.python_version(),
         parameters=total,
         activated=active,
