@@ -289,23 +289,29 @@ class Checkpointer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
-    def snapshot(self, step: int) -> dict[str, float]:
-        """Snapshot the state after ``step`` in shared memory when one is due. Returns the
-        loop's stalls for the step's metrics: ``snapshot_s`` (the call, when one was due) and
-        ``snapshot_wait_s`` (waits within the step for the previous one's background copy).
-        A failed snapshot is an event and a warning; the snapshots already kept stay."""
+    def snapshot(self, step: int) -> None:
+        """Snapshot the state after ``step`` in shared memory when one is due. A failed
+        snapshot is an event and a warning; the snapshot kept before stays."""
+        s = self.snapshots
+        if s is None or not s.due(step):
+            return
+        try:
+            s.take(step)
+        except Exception as e:
+            self.log.event("snapshot_failed", step=step, error=f"{type(e).__name__}: {e}")
+            self.log.print(f"[yellow]warning: snapshot of step {step} failed ({escape(str(e))})[/yellow]")
+
+    def snapshot_stalls(self) -> dict[str, float]:
+        """The loop's stalls for snapshots since the last call, for a step's metrics:
+        ``snapshot_s`` the calls that took them (between steps), ``snapshot_wait_s`` waits
+        within the step for a background copy to finish."""
         s = self.snapshots
         if s is None:
             return {}
-        out = {"snapshot_wait_s": s.waited_s} if s.waited_s else {}
-        s.waited_s = 0.0
-        if s.due(step):
-            try:
-                s.take(step)
-            except Exception as e:
-                self.log.event("snapshot_failed", step=step, error=f"{type(e).__name__}: {e}")
-                self.log.print(f"[yellow]warning: snapshot of step {step} failed ({escape(str(e))})[/yellow]")
-            out["snapshot_s"] = s.last_stall_s
+        out = {"snapshot_s": s.taken_s} if s.taken_s else {}
+        if s.waited_s:
+            out["snapshot_wait_s"] = s.waited_s
+        s.taken_s = s.waited_s = 0.0
         return out
 
     def wait_staged(self) -> None:

@@ -4,8 +4,9 @@
     recomputed   step time of steps done again after a crash (work lost)
     ckpt stall   time the loop stood still for a checkpoint (the save call, and any wait
                  for background staging before the next optimizer step)
-    snap stall   the same for the snapshots in shared memory (metrics snapshot_s and
-                 snapshot_wait_s)
+    snap stall   the same for the snapshots in shared memory (metrics snapshot_s: the calls
+                 since the previous record, between steps; snapshot_wait_s: waits within the
+                 step for a background copy)
     in-process   restarts within the worker process after a fault: from the failure to the
                  state restored in a new process group (restart_in_process duration_s)
     restart      everything else between the first start and the last record:

@@ -150,15 +150,18 @@ def abort_world(world: World) -> None:
     except the one to the job's store (MASTER_ADDR:MASTER_PORT). A peer blocked on this rank
     then gets "connection closed", tears down in turn, and so on through the ring. Only the
     training's own connections exist in a worker; an accelerator's collective library (NCCL,
-    HCCL) is torn down by destroying the group (they have an abort)."""
+    HCCL) is torn down by aborting the group (untested here: no accelerator)."""
     if not world.distributed:
         return
     import gc
     import socket
 
     if dist.is_initialized():
+        # torch's abort (private) does not wait for work in flight, which a collective library
+        # with an abort (NCCL) then cancels; destroy where it is missing
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None) or dist.destroy_process_group
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            abort()
     gc.collect()
     store_port = int(os.environ.get("MASTER_PORT", "0"))
     try:

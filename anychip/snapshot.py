@@ -76,7 +76,7 @@ class Snapshots:
         self._names: dict | None = None  # parameter -> name
         self._newest: int | None = None  # the slot of the newest snapshot this process wrote
         self._error: Exception | None = None
-        self.last_stall_s = 0.0  # the last take() call
+        self.taken_s = 0.0  # time in take() since the caller last reset it
         self.waited_s = 0.0  # waits for background copies since the caller last reset it
 
     def due(self, step: int) -> bool:
@@ -143,7 +143,7 @@ class Snapshots:
             except Exception:
                 self._newest = 1 - slot  # the other slot still holds the newest snapshot
                 raise
-        self.last_stall_s = time.perf_counter() - t0
+        self.taken_s += time.perf_counter() - t0
 
     def _write_safely(self, slot: int, *args) -> None:
         try:

@@ -51,7 +51,7 @@ def run(run_dir: Path, steps: int, sets: list[str]) -> dict:
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     end = next(e for e in events if e["event"] == "run_end")
-    stalls = [m.get("snapshot_s", 0.0) + m.get("snapshot_wait_s", 0.0) for m in metrics if "snapshot_s" in m]
+    stalls = [m.get("snapshot_s", 0.0) + m.get("snapshot_wait_s", 0.0) for m in metrics[1:]]
     return {
         "train_s": end["train_time_s"],
         "step_s": statistics.median(m["step_time"] for m in metrics[2:]),

@@ -142,14 +142,15 @@ def train_step(trainer: Trainer) -> bool:
     state.batch = None
     extra = agreement.metrics if agreement is not None else {}
     metrics = state.metrics = trainer.meter.measure(state.figures, result.work, lr, view.grad_norm, loads, extra)
+    metrics.update(state.checkpointer.snapshot_stalls())  # since the last record
     if trainer.heldout.due(step):
         metrics["eval_loss"] = trainer.heldout(model)
+    log.metrics(step, metrics)
+    log.expert_load(step, loads, trainer.meter.moe_names)  # the report's heatmaps (bounded in size)
     if trainer.references is not None and trainer.references.due(step):
         trainer.references.reset(step)
     state.checkpointer.save(step)
-    metrics.update(state.checkpointer.snapshot(step))  # in shared memory: what a restart resumes from
-    log.metrics(step, metrics)
-    log.expert_load(step, loads, trainer.meter.moe_names)  # the report's heatmaps (bounded in size)
+    state.checkpointer.snapshot(step)  # in shared memory: what a restart resumes from
     trainer.guards.completed(view, metrics, agreement)
     hooks("after_step", state)
     log.advance(step, f"loss {state.figures['loss']:.3f}")
