@@ -109,8 +109,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(reference, tmp_
     assert len(crash) == 1 and crash[0]["last_step"] >= killed_step
     g = goodput(run)
     assert g.recomputed_steps > 0 and g.restarts == 1
-    parts = g.productive_s + g.recomputed_s + g.checkpoint_stall_s + g.restart_s
-    assert parts == pytest.approx(g.wall_s)
+    parts = g.productive_s + g.recomputed_s + g.checkpoint_stall_s + g.snapshot_stall_s + g.restart_s
+    assert g.inprocess_restart_s == 0 and parts == pytest.approx(g.wall_s)
 
 
 def test_elastic_agent_restarts_a_killed_worker(reference, tmp_path):

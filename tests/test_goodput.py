@@ -178,8 +178,8 @@ def test_one_failure_is_one_fault_and_restarts_in_process_have_their_row(tmp_pat
         ev(3.31, "restart_in_process", rank=1, generation=1, step=4, duration_s=0.31),
         ev(6.0, "chaos_inject", kind="kill", step=9, rank=0),
         ev(6.2, "worker_failed", rank=1, origin=True, step=9, error="RuntimeError: Connection closed"),
+        ev(8.9, "crash_detected", last_step=8, last_record=6.0),  # the next start, before its run_start
         ev(9.0, "run_start", generation=0),
-        ev(9.1, "crash_detected", last_step=8, last_record=6.0),
         ev(11.0, "chaos_inject", kind="hang", step=12, rank=1),
         ev(18.0, "hang_detected", rank=1, step=12, silent_s=6.0, timeout_s=6.0),
         ev(18.1, "worker_failed", rank=0, origin=True, step=12, error="RuntimeError: Connection closed"),

@@ -42,6 +42,9 @@ RUN = [
     "guards.spike_min_history=5",
     "guards.audit_interval=10",
     "parallel.max_restarts=0",
+    # the guards' rollback targets below are the disk checkpoints'; the tests that pass
+    # checkpoint.snapshot_interval=1 roll back and restart from snapshots
+    "checkpoint.snapshot_interval=0",
 ]
 DDP = [
     "parallel.nproc=2",
@@ -202,6 +205,13 @@ def test_recompute_audit_catches_flaky_compute_and_rolls_back(reference, tmp_pat
     [rb] = events(run, "rollback")
     assert (rb["from_step"], rb["to_step"], rb["skipped"]) == (10, 5, None)
 
+    run = tmp_path / "sdc_snapshots"  # with snapshots: back one step, not to the checkpoint
+    run_inprocess(run, "chaos.at=sdc@10", "checkpoint.snapshot_interval=1")
+    assert_identical(weights(run), weights(reference))
+    [rb] = events(run, "rollback")
+    assert (rb["from_step"], rb["to_step"]) == (10, 9)
+    assert [e["step"] for e in events(run, "snapshot_load")] == [9] and not events(run, "checkpoint_load")
+
     run = tmp_path / "faulty"
     with pytest.raises(GuardStop, match="rank 0 failed 2 recompute audits: faulty hardware"):
         run_inprocess(run, "chaos.at=sdc@10,sdc@20")
@@ -247,8 +257,13 @@ def test_hang_is_detected_fast_with_stacks_and_the_run_resumes(reference, tmp_pa
 
 def test_exception_and_kill_are_restarted_and_resume_bit_identical(reference, tmp_path):
     run = tmp_path / "crash"
-    recovers_bit_identical(run, reference, "chaos.at=exception@6,kill@17")
-    assert [e["count"] for e in events(run, "restart")] == [1, 2]
+    recovers_bit_identical(run, reference, "chaos.at=exception@6,kill@17", "checkpoint.snapshot_interval=1")
+    # the exception: in the same process, from the snapshot of step 5; the kill: a new process
+    # from the newest snapshot (16, or 15 when the kill came before the copy of 16 was done)
+    assert [(e["generation"], e["step"]) for e in events(run, "restart_in_process")] == [(1, 5)]
+    assert [e["count"] for e in events(run, "restart")] == [1]
+    loads = [e["step"] for e in events(run, "snapshot_load")]
+    assert loads[0] == 5 and loads[1] in (15, 16) and not events(run, "checkpoint_load")
     assert [e["kind"] for e in events(run, "chaos_inject")] == ["exception", "kill"]  # each fired once
     g = goodput(run)
     assert {f["kind"] for f in g.faults if f.get("injected")} == {"exception", "kill"}

@@ -62,7 +62,7 @@ def test_status_summarises_faults_restarts_and_goodput(faulty_run, capsys):
     summary = out["summary"]
     g = goodput(faulty_run)
     assert summary["state"] == "finished" and summary["progress"] == "step 30 of 30 (100%)"
-    assert summary["restarts"] == "1" and summary["faults"] == "nan 1, kill 1"
+    assert summary["restarts"] == "1 (0 in process)" and summary["faults"] == "nan 1, kill 1"
     assert summary["goodput"].startswith(f"{g.ratio:.1%} (")
     assert summary["device"].endswith("(cpu)") and summary["world size"].startswith("1")
     held = [m["eval_loss"] for m in load_run(faulty_run).metrics if "eval_loss" in m]  # eval.interval 100: the last

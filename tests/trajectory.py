@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 RECORDS = Path(__file__).with_name("trajectory.json")
 # metrics the math produces (timings, memory and MFU are left out: they are measurements)
-TIMED = {"step", "time", "step_time", "tokens_per_s", "mfu", "memory_peak_gb", "rollout_time"}
+TIMED = {"step", "time", "step_time", "tokens_per_s", "mfu", "memory_peak_gb", "rollout_time", "snapshot_s", "snapshot_wait_s"}
 QUIET = ["--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "eval.n=0"]
 # a loaded machine may stall a 0.1 s step for seconds: the hang watchdog (no part of the math) must not kill it
 QUIET += ["--set", "guards.watchdog_grace_s=60"]
@@ -98,7 +98,9 @@ def run(name: str, root: Path, init: Path | None = None, timeout: float = 900) -
     args = [sys.executable, "-m", "anychip.cli", *RUNS[name], *QUIET, "--run-dir", str(run_dir)]
     if name == "grpo":
         args += ["--init", str(init)]
-    env = {**os.environ, "ANYCHIP_DEVICE": "cpu"}
+    # the records were made with two threads per process (torch's default on the 2-core machine);
+    # `anychip train`'s launcher now gives each of N workers cores / N threads when unset
+    env = {**os.environ, "ANYCHIP_DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stderr[-4000:]}")

@@ -12,6 +12,7 @@ Each component gets its own config section (and the run's last step where it mus
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import time
@@ -128,12 +129,12 @@ def build(
         objective = NextTokenLoss(core.args, len(core.mtp), t.seq_len, t.global_batch)
     identity = RunIdentity(cfg.to_toml(), cfg.digest(), t.seed)
     checkpointer = state.checkpointer = Checkpointer(state, run_dir / "checkpoints", cfg.checkpoint, t.steps, identity)
+    boundary = updates_per_rollout(cfg.grpo) if rl else 1  # a run may stop and resume only after multiples of it
     if cfg.checkpoint.snapshot_interval:
         first_start = generation == 0 and not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         c = cfg.checkpoint
-        checkpointer.snapshots = Snapshots(
-            state, run_dir, c.snapshot_interval, identity.digest, c.snapshot_async, fresh=first_start
-        )
+        interval = math.lcm(c.snapshot_interval, boundary)  # GRPO: between rollout batches
+        checkpointer.snapshots = Snapshots(state, run_dir, interval, identity.digest, c.snapshot_async, first_start)
     heldout = HeldoutLoss(cfg.eval.interval, t.steps, [], micro, amp, device.type, world)
     guards = build_guards(
         cfg.guards,
@@ -183,7 +184,7 @@ def build(
         preemption=preemption,
         references=ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None,
         schedule=t,
-        boundary=updates_per_rollout(cfg.grpo) if rl else 1,
+        boundary=boundary,
         micro=micro,
         amp=amp,
     )
