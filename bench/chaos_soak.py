@@ -9,6 +9,7 @@ must end with the same final weights; its goodput and faults are printed.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,22 @@ def train(run_dir: Path, sets: list[str]) -> float:
     if r.returncode:
         sys.exit(f"{run_dir.name} failed ({r.returncode}):\n{r.stderr[-4000:]}")
     return time.perf_counter() - t0
+
+
+def steps_redone(run_dir: Path) -> list[int]:
+    """Per recovery (a restart's or a rollback's load of a snapshot or checkpoint): how many
+    steps already done will be done again: the step of the last record before it, less the
+    step it restored."""
+    from anychip.events import read_jsonl
+
+    events, metrics = read_jsonl(run_dir / "events.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    out = []
+    for e in events:
+        if e["event"] in ("snapshot_load", "checkpoint_load"):
+            done = [m["step"] for m in metrics if m["time"] < e["time"]]
+            if done:
+                out.append(max(done[-1] - e["step"], 0))
+    return out
 
 
 def main() -> None:
@@ -67,6 +84,11 @@ def main() -> None:
         )
         print(f"wall time: soak {t_soak:.0f} s, clean {t_clean:.0f} s")
         print(format_goodput(goodput(soak)))
+        redone = steps_redone(soak)
+        print(
+            f"steps redone per recovery (the newest step done before it, less the step it resumed from): {redone}, "
+            f"median {statistics.median(redone) if redone else 0:g}"
+        )
         print(f"final weights bit-identical to the clean run: {same}")
         if not same:
             sys.exit(1)

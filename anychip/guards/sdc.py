@@ -54,6 +54,7 @@ class ReplicaCheck(Guard):
         self.interval = cfg.replica_check_interval
         self.budget = RollbackBudget(cfg.max_rollbacks)
         self.model, self.world, self.checkpoint_due = model, world, checkpoint_due
+        self.passed: int | None = None  # the last step whose check found the replicas equal, since the start
 
     def judge(self, view: StepView) -> Verdict | None:
         step = view.step
@@ -64,15 +65,25 @@ class ReplicaCheck(Guard):
         dist.all_gather(everyone, mine)
         prints = [int(t.item()) for t in everyone]
         if len(set(prints)) == 1:
+            self.passed = step
             return None
         suspects, majority = odd_ones_out(prints)
         action = self.budget.spend(step)
         who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
         detail = {"ranks": suspects, "majority": majority, "fingerprints": [str(f) for f in prints]}
         reason = f"parameters differ between replicas: {who}"
-        # a snapshot may hold the corruption (it is not checked when taken): back to a checkpoint,
-        # which is written only from weights the replicas agreed on
+        # back to the state after the last step the replicas agreed at (a snapshot or the checkpoint
+        # written then); none since the start: to a checkpoint, written only from weights they agreed
+        # on (a snapshot restored at the start may hold the corruption)
+        if self.passed is not None:
+            return Verdict(action, "replica_check", reason, before=self.passed + 1, event="replica_mismatch", detail=detail)
         return Verdict(action, "replica_check", reason, verified=True, event="replica_mismatch", detail=detail)
+
+    def started(self, step: int) -> None:
+        self.passed = None
+
+    def rolled_back(self, step: int) -> None:
+        self.passed = None if self.passed is None or self.passed > step else self.passed
 
     def completed(self, view: StepView, metrics: dict, agreement) -> None:
         self.budget.progress(view.step)
