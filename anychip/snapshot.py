@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-
 ALIGN = 64
 
 
@@ -146,6 +145,8 @@ class Snapshots:
         self.taken_s += time.perf_counter() - t0
 
     def _write_safely(self, slot: int, *args) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: a thread has a nice value of its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # the step's threads come first
         try:
             self._write(slot, *args)
         except Exception as e:  # reported by wait()
@@ -160,7 +161,9 @@ class Snapshots:
         torch._foreach_copy_(self._views[slot][1], list(tensors.values()))  # one call for every tensor
         for dtype, (start, size) in groups.items():  # one sum per dtype: a NaN or Inf anywhere shows
             if not torch.isfinite(memory.narrow(0, start, size).view(getattr(torch, dtype)).sum()):
-                raise FloatingPointError(f"snapshot of step {step}: a {dtype} tensor holds a non-finite value; not kept")
+                raise FloatingPointError(
+                    f"snapshot of step {step}: a {dtype} tensor holds a non-finite value; not kept"
+                )
         record = {"step": step, **self._identity(), "data": data, "entries": entries, "time": time.time()}
         tmp = self.dir / f"slot{slot}.json.tmp"
         tmp.write_text(json.dumps(record))
@@ -255,7 +258,9 @@ class Snapshots:
             for name, t in live.items():
                 t.copy_(self._view(memory, entries[name]))
             self._restore_optimizer(memory, entries)
-        rng = {k.removeprefix("rng/"): self._view(memory, e).clone() for k, e in entries.items() if k.startswith("rng/")}
+        rng = {
+            k.removeprefix("rng/"): self._view(memory, e).clone() for k, e in entries.items() if k.startswith("rng/")
+        }
         s.device.set_rng_state(rng)
         s.data.load_state_dict(record["data"])
 
@@ -305,4 +310,3 @@ def restorable_step(snapshots: Snapshots | None, world, before: int | None = Non
         every = [mine]
     common = set(every[0]).intersection(*every[1:])
     return max(common) if common else None
-

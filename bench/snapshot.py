@@ -27,6 +27,7 @@ VARIANTS = {
     "off": ["checkpoint.snapshot_interval=0"],
     "every step, background": ["checkpoint.snapshot_interval=1"],
     "every step, in the loop": ["checkpoint.snapshot_interval=1", "checkpoint.snapshot_async=false"],
+    "every 4 steps, background": ["checkpoint.snapshot_interval=4"],
 }
 
 

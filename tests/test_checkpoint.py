@@ -286,7 +286,9 @@ def test_a_checkpoint_altered_at_rest_is_found_at_the_next_commit(tmp_path):
     def alter(state):
         if state.step == 5:
             state.checkpointer.wait()
-            target = max((p for p in state.checkpointer.step_dir(4).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            target = max(
+                (p for p in state.checkpointer.step_dir(4).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+            )
             with open(target, "r+b") as f:
                 f.seek(target.stat().st_size // 2)
                 byte = f.read(1)

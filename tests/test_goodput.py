@@ -192,7 +192,11 @@ def test_one_failure_is_one_fault_and_restarts_in_process_have_their_row(tmp_pat
     metrics[3]["snapshot_wait_s"] = 0.1
     g = goodput(write_run(tmp_path / "run", events, metrics))
     found = [(f["kind"], f["injected"], f["detected_by"]) for f in g.faults]
-    assert found == [("exception", True, "worker_failed"), ("kill", True, "worker_failed"), ("hang", True, "hang_detected")]
+    assert found == [
+        ("exception", True, "worker_failed"),
+        ("kill", True, "worker_failed"),
+        ("hang", True, "hang_detected"),
+    ]
     exception = g.faults[0]
     assert exception["latency_s"] == pytest.approx(0.01)
     assert g.inprocess_restarts == 1 and g.inprocess_restart_s == pytest.approx(0.3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command
 from safetensors.torch import load_file
 
 from anychip.config import load_config
@@ -15,8 +16,6 @@ from anychip.snapshot import run_root
 from anychip.train.hooks import Hooks
 from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl
-
-from conftest import run_command
 
 RUN = [
     "model.preset=debug",

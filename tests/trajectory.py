@@ -27,7 +27,17 @@ from safetensors.torch import load_file
 
 RECORDS = Path(__file__).with_name("trajectory.json")
 # metrics the math produces (timings, memory and MFU are left out: they are measurements)
-TIMED = {"step", "time", "step_time", "tokens_per_s", "mfu", "memory_peak_gb", "rollout_time", "snapshot_s", "snapshot_wait_s"}
+TIMED = {
+    "step",
+    "time",
+    "step_time",
+    "tokens_per_s",
+    "mfu",
+    "memory_peak_gb",
+    "rollout_time",
+    "snapshot_s",
+    "snapshot_wait_s",
+}
 QUIET = ["--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "eval.n=0"]
 # a loaded machine may stall a 0.1 s step for seconds: the hang watchdog (no part of the math) must not kill it
 QUIET += ["--set", "guards.watchdog_grace_s=60"]

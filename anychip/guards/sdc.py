@@ -76,7 +76,9 @@ class ReplicaCheck(Guard):
         # written then); none since the start: to a checkpoint, written only from weights they agreed
         # on (a snapshot restored at the start may hold the corruption)
         if self.passed is not None:
-            return Verdict(action, "replica_check", reason, before=self.passed + 1, event="replica_mismatch", detail=detail)
+            return Verdict(
+                action, "replica_check", reason, before=self.passed + 1, event="replica_mismatch", detail=detail
+            )
         return Verdict(action, "replica_check", reason, verified=True, event="replica_mismatch", detail=detail)
 
     def started(self, step: int) -> None:

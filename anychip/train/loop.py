@@ -25,8 +25,8 @@ from rich.markup import escape
 
 from ..config import Config
 from ..device import get_device
-from ..guards.base import Action, StepView
 from ..events import append_event
+from ..guards.base import Action, StepView
 from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, unwrap
 from .build import Trainer, build, build_source
 from .finish import finish
