@@ -216,8 +216,8 @@ def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]
             hung.add(a)
         if d["event"] == "crash_detected" and (a in hung or a - 1 in hung or a in failed):
             continue  # logged by the next start just before its run_start (a hang's: or after)
-        if d["event"] == "run_end" and a in failed:
-            continue  # the failure's own record counts
+        if d["event"] == "run_end" and (a in failed or a in hung):
+            continue  # the failure's (or the hang's) own record counts
         if d["event"] == "run_end" and d.get("error", "").startswith("GuardStop"):
             continue  # the guard's own event is the detection
         out.append(d)

@@ -147,10 +147,11 @@ def abort_world(world: World) -> None:
     Destroying the group is not enough where something still holds it (DDP's reducer keeps
     a gloo group alive after the DDP module is gone), and gloo has no abort: the connections
     to the peers are shut down at the socket level, every TCP connection of this process
-    except the one to the job's store (MASTER_ADDR:MASTER_PORT). A peer blocked on this rank
-    then gets "connection closed", tears down in turn, and so on through the ring. Only the
-    training's own connections exist in a worker; an accelerator's collective library (NCCL,
-    HCCL) is torn down by aborting the group (untested here: no accelerator)."""
+    except those of the job's store (MASTER_ADDR:MASTER_PORT, from either end). A peer
+    blocked on this rank then gets "connection closed", tears down in turn, and so on
+    through the ring. Only the training's own connections exist in a worker; an
+    accelerator's collective library (NCCL, HCCL) is torn down by aborting the group
+    (untested here: no accelerator)."""
     if not world.distributed:
         return
     import gc
@@ -176,7 +177,8 @@ def abort_world(world: World) -> None:
         try:
             if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
                 with contextlib.suppress(OSError):
-                    if s.getpeername()[1] != store_port:
+                    # the store's connections stay, from either end (rank 0 may host it: static rendezvous)
+                    if store_port not in (s.getpeername()[1], s.getsockname()[1]):
                         s.shutdown(socket.SHUT_RDWR)
         finally:
             s.detach()

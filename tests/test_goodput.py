@@ -183,6 +183,7 @@ def test_one_failure_is_one_fault_and_restarts_in_process_have_their_row(tmp_pat
         ev(11.0, "chaos_inject", kind="hang", step=12, rank=1),
         ev(18.0, "hang_detected", rank=1, step=12, silent_s=6.0, timeout_s=6.0),
         ev(18.1, "worker_failed", rank=0, origin=True, step=12, error="RuntimeError: Connection closed"),
+        ev(18.2, "run_end", status="error", error="RuntimeError: Connection closed"),
         ev(21.0, "run_start", generation=0),
         ev(24.0, "run_end", status="ok"),
     ]
