@@ -125,14 +125,14 @@ def test_a_snapshot_gives_back_the_whole_state_bit_for_bit(tmp_path):
 
 def test_a_kill_right_after_and_right_before_a_snapshot_resumes_from_it(tmp_path):
     """One worker under the launcher, a snapshot every 4 steps and no disk checkpoint: killed
-    at the start of step 10 (the snapshot of step 8 complete) it resumes from step 8; killed at
-    the start of step 16, before that step's snapshot, from step 12. It ends bit-identical to a
+    at the start of step 6 (the snapshot of step 4 complete) it resumes from step 4; killed at
+    the start of step 12, before that step's snapshot, from step 8. It ends bit-identical to a
     run that was never killed, and the snapshot memory is gone when the job ends."""
-    sets = ["train.steps=17", "checkpoint.interval=0", "checkpoint.snapshot_interval=4", "parallel.max_restarts=3"]
+    sets = ["train.steps=13", "checkpoint.interval=0", "checkpoint.snapshot_interval=4", "parallel.max_restarts=3"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    cli(clean, *sets)
-    cli(killed, *sets, "chaos.at=kill@10,kill@16")
-    assert [e["step"] for e in events(killed, "snapshot_load")] == [8, 12]
+    train(load_config(None, [*RUN, *sets[:3], "parallel.max_restarts=0"]), clean)  # one thread, as the worker
+    cli(killed, *sets, "chaos.at=kill@6,kill@12")
+    assert [e["step"] for e in events(killed, "snapshot_load")] == [4, 8]
     assert not events(killed, "checkpoint_load")
     starts = events(killed, "run_start")
     assert [e["restart"] for e in starts] == [0, 1, 2]  # the process itself was gone: new ones
