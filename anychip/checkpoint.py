@@ -297,6 +297,14 @@ class Checkpointer:
             return
         try:
             s.take(step)
+        except OSError as e:  # no room in shared memory: no more snapshots; disk checkpoints go on
+            self.log.event("snapshot_failed", step=step, error=f"{type(e).__name__}: {e}", snapshots="off")
+            self.log.print(
+                f"[yellow]warning: snapshot of step {step} failed ({escape(str(e))}); snapshots are off for this "
+                "run (checkpoint.snapshot_interval = 0 says so up front)[/yellow]"
+            )
+            s.remove()
+            self.snapshots = None
         except Exception as e:
             self.log.event("snapshot_failed", step=step, error=f"{type(e).__name__}: {e}")
             self.log.print(f"[yellow]warning: snapshot of step {step} failed ({escape(str(e))})[/yellow]")

@@ -133,15 +133,17 @@ class Snapshots:
         (self.dir / f"slot{slot}.json").unlink(missing_ok=True)  # that slot is invalid from here on
         tensors = self._tensors()
         data = json.loads(json.dumps(self.state.data.state_dict()))  # a copy: the next step moves the data on
-        if self.background:
-            self._thread = threading.Thread(target=self._write_safely, args=(slot, step, tensors, data), daemon=True)
-            self._thread.start()
-        else:
-            try:
-                self._write(slot, step, tensors, data)
-            except Exception:
-                self._newest = 1 - slot  # the other slot still holds the newest snapshot
-                raise
+        try:
+            memory = self._map(slot, self._layout(tensors)[1])  # here: no room is an OSError for the caller
+            if self.background:
+                args = (slot, step, tensors, data, memory)
+                self._thread = threading.Thread(target=self._write_safely, args=args, daemon=True)
+                self._thread.start()
+            else:
+                self._write(slot, step, tensors, data, memory)
+        except Exception:
+            self._newest = 1 - slot  # the other slot still holds the newest snapshot
+            raise
         self.taken_s += time.perf_counter() - t0
 
     def _write_safely(self, slot: int, *args) -> None:
@@ -153,9 +155,8 @@ class Snapshots:
             self._newest = 1 - slot
             self._error = e
 
-    def _write(self, slot: int, step: int, tensors: dict[str, torch.Tensor], data: dict) -> None:
-        entries, nbytes, groups = self._layout(tensors)
-        memory = self._map(slot, nbytes)
+    def _write(self, slot: int, step: int, tensors: dict[str, torch.Tensor], data: dict, memory: torch.Tensor) -> None:
+        entries, _, groups = self._layout(tensors)
         if self._views.get(slot, (None,))[0] is not memory:  # views into this very mapping, this layout
             self._views[slot] = (memory, [self._view(memory, entries[name]) for name in tensors])
         torch._foreach_copy_(self._views[slot][1], list(tensors.values()))  # one call for every tensor
@@ -199,7 +200,12 @@ class Snapshots:
             return kept[1]
         if not path.is_file() or path.stat().st_size != nbytes:
             with open(path, "wb") as f:
-                f.truncate(nbytes)
+                if hasattr(os, "posix_fallocate"):
+                    # reserve the pages now: a full tmpfs (Docker's /dev/shm is 64 MB by default) is then
+                    # an OSError here, not a SIGBUS at the first write through the mapping
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                else:
+                    f.truncate(nbytes)
         memory = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
         self._maps[slot] = (nbytes, memory)
         return memory

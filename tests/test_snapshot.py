@@ -164,3 +164,20 @@ def test_an_exception_on_one_rank_restarts_both_in_process_within_2s(tmp_path):
     assert starts[0]["pid"] == starts[1]["pid"]  # rank 0's process: the same one
     assert [e["step"] for e in events(faulty, "snapshot_load")] == [5]
     assert_same_weights(faulty, clean)
+
+
+def test_no_room_in_shared_memory_turns_snapshots_off_and_training_goes_on(tmp_path, monkeypatch):
+    """A full /dev/shm (Docker gives 64 MB by default) is an error when the slot is reserved, not
+    a SIGBUS at the first write: one event and warning, no more snapshots, the run completes."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    run = tmp_path / "run"
+    state = train(load_config(None, [*RUN, "train.steps=4", "checkpoint.interval=0"]), run)
+    assert state.step == 4
+    [failed] = events(run, "snapshot_failed")
+    assert failed["step"] == 1 and failed["snapshots"] == "off" and "No space left" in failed["error"]
+    assert not (run_root(run) / "rank0").exists()
