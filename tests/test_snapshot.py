@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_command
+from conftest import CLI_ENV, DEBUG_RUN, run_command
 from safetensors.torch import load_file
 
 from anychip.config import load_config
@@ -17,17 +17,8 @@ from anychip.train.hooks import Hooks
 from anychip.train.loop import train
 from anychip.train.runlog import read_jsonl
 
-RUN = [
-    "model.preset=debug",
-    "train.global_batch=4",
-    "train.seq_len=48",
-    "train.warmup_steps=2",
-    "train.mode=pretrain",
-    "eval.n=0",
-    "log.tensorboard=false",
-    "device.type=cpu",
-]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUN = [*DEBUG_RUN, "train.global_batch=4"]
+ENV = CLI_ENV
 
 
 def cli(run_dir: Path, *sets: str, timeout: float = 300):
