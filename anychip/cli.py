@@ -70,79 +70,73 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def launch_workers(cfg, run_dir: Path) -> int:
-    """Start ``parallel.nproc`` local workers through torch.distributed's elastic agent
-    (what torchrun uses), each running ``python -m anychip.launch`` on the resolved config.
-    When a worker dies, the agent restarts all of them (up to ``parallel.max_restarts``
-    times) and they resume from the newest good checkpoint in ``run_dir``.
+    """Start ``parallel.nproc`` local workers (``python -m anychip.launch`` on the resolved
+    config) under anychip's agent (``anychip.agent``): a dead worker is started again alone
+    from a warm spare while its peers restart in their processes, or every worker is
+    started again when that cannot be done, up to ``parallel.max_restarts`` restarts; the
+    workers resume from the newest snapshot or good checkpoint in ``run_dir``.
 
     The caller holds the run directory's lock. Workers die with this process (parent-death
     signal); the hang watchdog watches each from the moment it is spawned; SIGTERM or
     SIGINT here is a preemption: the workers checkpoint at the next step boundary and exit,
-    and this returns 0 (SIGKILL after ``parallel.preempt_grace_s``)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
+    and this returns 0 (SIGKILL after ``parallel.preempt_grace_s``); SIGHUP or SIGQUIT stops
+    the workers."""
+    from .agent import Agent
     from .guards.watchdog import WATCHED_BY_LAUNCHER, ChildWatcher
 
     fatal = run_dir / FATAL
     fatal.unlink(missing_ok=True)  # a new launch (e.g. --resume after a fix) tries again
     config_file = run_dir / "launch.toml"  # the workers write config.toml once it fits the checkpoint
     config_file.write_text(cfg.to_toml())
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=cfg.parallel.nproc,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=cfg.parallel.max_restarts,
-        monitor_interval=0.2,
-        signals_to_handle="SIGHUP,SIGQUIT",  # SIGTERM and SIGINT are preemptions, handled below
-    )
-    os.environ[LAUNCHER_PID] = str(os.getpid())
+    p = cfg.parallel
     # what torchrun does, sized to the machine: N workers that each start one OpenMP thread per
     # core oversubscribe the cores; measured on 2 cores with 2 workers, steps took 1.7x as long,
     # and up to 10x as long after a restart. A value the user set is kept.
     threads_set = "OMP_NUM_THREADS" not in os.environ
     if threads_set:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // cfg.parallel.nproc))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // p.nproc))
     g = cfg.guards
-    watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s) if g.watchdog else None
-    if watcher is not None:
+    if g.watchdog:
         os.environ[WATCHED_BY_LAUNCHER] = "1"
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    args = [str(config_file), "--run-dir", str(run_dir)]
+    agent = Agent(args, run_dir, p.nproc, p.max_restarts, p.spare_workers, log=_say)
+    watcher = None
+    if g.watchdog:
+        watcher = agent.watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s, workers=agent.workers)
         watcher.start()
-    preemption = _Preemption(cfg.parallel.preempt_grace_s)
-    done = threading.Event()
-    threading.Thread(target=_stop_on_fatal, args=(fatal, done), daemon=True).start()
+    preemption = _Preemption(p.preempt_grace_s, agent.workers)
+    stops = {
+        s: signal.signal(s, lambda signum, _: agent.request_stop(signal.Signals(signum).name))
+        for s in (signal.SIGHUP, signal.SIGQUIT)
+    }
     try:
-        elastic_launch(launch, entrypoint=sys.executable)(
-            "-m", "anychip.launch", str(config_file), "--run-dir", str(run_dir)
-        )
-    except (ChildFailedError, SignalException) as e:
-        if fatal.is_file():
-            print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
-            return 2
-        if preemption.signal is not None:
-            print(
-                f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
-                f"{cfg.parallel.preempt_grace_s:g} s and were killed",
-                file=sys.stderr,
-            )
-            return 1
-        if isinstance(e, SignalException):
-            print(f"anychip: stopped by {e.sigval.name}", file=sys.stderr)
-            return 1
-        print(f"anychip: workers failed after {cfg.parallel.max_restarts} restarts: {e}", file=sys.stderr)
-        return 1
+        outcome = agent.run(fatal)
     finally:
-        done.set()
         preemption.close()
+        for s, previous in stops.items():
+            signal.signal(s, previous)
         if watcher is not None:
             watcher.stop()
         for key in (LAUNCHER_PID, WATCHED_BY_LAUNCHER, PREEMPTED, *(["OMP_NUM_THREADS"] if threads_set else [])):
             os.environ.pop(key, None)
+    if outcome == "fatal":
+        print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
+        return 2
+    if outcome != "done" and preemption.signal is not None:
+        print(
+            f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
+            f"{p.preempt_grace_s:g} s and were killed",
+            file=sys.stderr,
+        )
+        return 1
+    if outcome == "stopped":
+        print(f"anychip: stopped by {agent.stop_reason}", file=sys.stderr)
+        return 1
+    if outcome == "failed":
+        print(f"anychip: workers failed after {p.max_restarts} restarts", file=sys.stderr)
+        return 1
     if preemption.signal is not None:
         print(
             f"anychip: preempted ({preemption.signal}); continue with: anychip train --resume {run_dir}",
@@ -151,30 +145,21 @@ def launch_workers(cfg, run_dir: Path) -> int:
     return 0
 
 
-def _stop_on_fatal(fatal: Path, done: threading.Event) -> None:
-    """A worker that wrote fatal.json stopped for a reason no restart can fix (bad input, a
-    guard's stop): stop the agent (its SIGHUP handler) instead of letting it restart."""
-    while not done.wait(0.1):
-        if fatal.is_file():
-            os.kill(os.getpid(), signal.SIGHUP)
-            return
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class _Preemption:
     """The launcher's side of a preemption: SIGTERM/SIGINT become the workers' preemption
     signal; after the grace period (or a second signal) the workers are killed."""
 
-    def __init__(self, grace_s: float):
-        from .guards.watchdog import children
+    def __init__(self, grace_s: float, workers):
         from .train.preempt import PREEMPT_SIGNAL
 
-        self.grace_s, self._children, self._sig = grace_s, children, PREEMPT_SIGNAL
+        self.grace_s, self._workers, self._sig = grace_s, workers, PREEMPT_SIGNAL
         self.signal: str | None = None
         self._timer: threading.Timer | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _workers(self) -> list[int]:
-        return list(self._children(os.getpid(), "anychip.launch"))
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second signal: now
@@ -196,7 +181,7 @@ class _Preemption:
         self._timer.start()
 
     def _kill(self) -> None:
-        # the agent's own handler of SIGHUP stops it (no restart) and takes the workers down
+        # the agent's handler of SIGHUP stops it (no restart) and takes the workers down
         os.kill(os.getpid(), signal.SIGHUP)
         for pid in self._workers():
             with contextlib.suppress(ProcessLookupError):

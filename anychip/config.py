@@ -213,12 +213,15 @@ class DeviceConfig:
 
 @dataclass
 class ParallelConfig:
-    """Worker processes and their restarts (the torch elastic launcher)."""
+    """Worker processes and their restarts (anychip's agent; torch's under torchrun)."""
 
     nproc: Annotated[int, Range(gt=0)] = 1
     """Local worker processes started by `anychip train`."""
     max_restarts: Annotated[int, Range(ge=0)] = 3
-    """Failed workers are restarted this many times and resume from the last checkpoint."""
+    """Failed workers are restarted this many times and resume from the newest snapshot or checkpoint."""
+    spare_workers: Annotated[int, Range(ge=0)] = 1
+    """Warm spares kept by `anychip train`'s agent: interpreters with torch and anychip imported, idle at
+    the lowest CPU priority, each ready to take the rank of a dead worker (0: a new interpreter then)."""
     strategy: Literal["fsdp", "ddp"] = "fsdp"
     """fsdp: FSDP2 fully_shard | ddp: replicas; used when the world size is > 1."""
     dp_replicate: Annotated[int, Range(gt=0)] = 1
@@ -231,7 +234,8 @@ class ParallelConfig:
     restart_in_process: bool = True
     """After an exception in a worker whose process is still healthy, every rank tears down its process
     group and re-enters training in the same process (a new group, state from the newest snapshot),
-    up to max_restarts times per process; a dead or stuck worker still restarts the processes."""
+    up to max_restarts times per process; a dead or stuck worker is started again alone under
+    `anychip train`'s agent (its peers restart in place), every worker of its node under torchrun."""
     preempt_grace_s: Annotated[float, Range(gt=0)] = 30.0
     """After SIGTERM/SIGINT every rank checkpoints at the next step boundary and exits 0; SIGKILL after
     this many seconds."""

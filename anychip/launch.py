@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import UNRECOVERABLE, ConfigError
-from .launcher_env import LAUNCHER_PID, PREEMPTED
+from .launcher_env import GENERATION, LAUNCHER_PID, PREEMPTED
 from .rundir import RunLock, RunLocked, new_default_run_dir
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="TOML file (default: the embedded default)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", type=Path)
+    p.add_argument("--spare", action="store_true", help=argparse.SUPPRESS)  # a warm spare of anychip's agent
     a = p.parse_args(argv)
+    if a.spare:
+        from .agent import wait_for_rank
+
+        if not wait_for_rank(a.config, a.sets):
+            return 0  # the job ended without needing this one
     try:
         run_dir = a.run_dir or default_run_dir()
     except ConfigError as e:
@@ -121,7 +127,7 @@ def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int
         if attempt == 0 and int(os.environ.get("RANK", "0")) == 0:
             fatal.unlink(missing_ok=True)  # a new launch tries again
         cfg = load_config(a.config, a.sets)
-        generation, failed_at = 0, None
+        generation, failed_at = int(os.environ.get(GENERATION, "0")), None  # > 0: started alone to join peers
         while True:
             try:
                 train(cfg, run_dir, generation=generation, failed_at=failed_at)

@@ -14,6 +14,14 @@ from torch import nn
 
 from .device import Device
 from .errors import ConfigError
+from .launcher_env import ATTEMPT
+
+JOB_PREFIX = "anychip/job/"  # keys of the whole job, across its restarts
+
+
+def joined_key(attempt: int | str, rank: int) -> str:
+    """The store key in which a worker records the newest generation whose process group it joined."""
+    return f"anychip/attempt_{attempt}/rank{rank}/joined"
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class World:
     ep_mesh: object | None = None  # 1-D: the ranks that share one token exchange (ep > 1)
     expert_mesh: object | None = None  # the ranks holding the same experts (FSDP of the experts; ep > 1)
     store: object | None = None  # the job's store (the launcher's), under this start's prefix
+    job_store: object | None = None  # the same store under a prefix of the whole job: outlives restarts
 
     @property
     def is_main(self) -> bool:
@@ -98,15 +107,17 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None, generati
     device.set_current(local_rank)
     if world_size == 1:
         return World()
-    store = None
+    store = job_store = None
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         # the launcher's store outlives a restart of the workers: keys of the previous attempt
         # or generation (e.g. a dead rank's address) must not be read by the next one
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"anychip/attempt_{attempt}/generation_{generation}/", store)
+        attempt = store_attempt()
+        base, store = store, dist.PrefixStore(f"anychip/attempt_{attempt}/generation_{generation}/", store)
         dist.init_process_group(device.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        base.set(joined_key(attempt, rank), str(generation))  # anychip's agent: this rank may be restarted alone
+        job_store = dist.PrefixStore(JOB_PREFIX, base)
     from torch.distributed.device_mesh import init_device_mesh
 
     r, ep = layout.dp_replicate, layout.ep
@@ -121,12 +132,30 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None, generati
         experts = init_device_mesh(device.type, (r, layout.dp_shard // ep, ep), mesh_dim_names=names)
         ep_mesh = experts["ep"]
         expert_mesh = experts["dp_replicate", "dp_shard_mod_ep"] if r > 1 else experts["dp_shard_mod_ep"]
-    return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh, store)
+    return World(rank, world_size, local_rank, mesh, layout, ep_mesh, expert_mesh, store, job_store)
 
 
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def store_attempt() -> str:
+    """Which start of all the job's workers this is (anychip's agent, else torchrun's restart count)."""
+    return os.environ.get(ATTEMPT) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def done_key(attempt: int | str, rank: int) -> str:
+    """The job's store key (under ``World.job_store``'s prefix) of a rank that finished the run."""
+    return f"attempt_{attempt}/done/rank{rank}"
+
+
+def mark_done(world: World) -> None:
+    """Record in the job's store that this rank finished the run: anychip's agent does not
+    start it again for a failure in its teardown after this."""
+    if world.job_store is not None:
+        with contextlib.suppress(Exception):
+            world.job_store.set(done_key(store_attempt(), world.rank), "1")
 
 
 def first_failure(world: World) -> bool:

@@ -330,3 +330,24 @@ def test_the_watchdog_knows_its_worker_by_pid_and_start_time_on_the_monotonic_cl
     me.seen -= 700
     assert overdue(stranger, me, 600, 5)[1] == 605
     me.close()
+
+
+def test_of_several_overdue_ranks_the_watchdog_kills_those_whose_interpreter_stopped(tmp_path):
+    """Rank 1 hung holding the GIL (its pulse stopped), rank 0 waits for it in a collective (its
+    pulse goes on): only rank 1 is chosen, and the others are judged again after a settling
+    second. With every pulse going on, the rank silent longest is chosen."""
+    from anychip.guards.watchdog import PULSE_S, ChildWatcher
+
+    beats = tmp_path / "heartbeat"
+    beats.mkdir()
+    watcher = ChildWatcher(tmp_path, 600, 5)
+    for rank in (0, 1):
+        (beats / f"rank{rank}.pulse").touch()
+    stale = time.time() - 10 * PULSE_S
+    os.utime(beats / "rank1.pulse", (stale, stale))
+    late = [("w0", "S", 0, None, (6.1, 6.0)), ("w1", "S", 1, None, (6.0, 6.0))]
+    assert [x[2] for x in watcher._victims(late)] == [1]
+    assert watcher._settle_until > time.monotonic() + 0.5
+    (beats / "rank1.pulse").touch()
+    assert [x[2] for x in watcher._victims(late)] == [0]  # no stopped interpreter: the longest silence
+    assert watcher._victims(late[1:]) == late[1:]  # one overdue rank: that one

@@ -131,29 +131,45 @@ def test_a_kill_right_after_and_right_before_a_snapshot_resumes_from_it(tmp_path
     assert not run_root(killed).exists()
 
 
-def test_an_exception_on_one_rank_restarts_both_in_process_within_2s(tmp_path):
-    """Rank 1 raises at the start of step 6 while rank 0 goes on into the step's gradient
-    all-reduce. Rank 0's collective fails at once (rank 1 shut its connections), both ranks
-    re-enter training in the same processes within 2 s, from the snapshot of step 5, and the
-    run ends bit-identical to one without the fault."""
-    sets = ["train.steps=9", "parallel.nproc=2", "parallel.strategy=ddp", "checkpoint.interval=0"]
-    sets += ["parallel.max_restarts=2"]
+def test_faults_on_one_rank_restart_that_rank_alone_and_its_peer_in_process(tmp_path):
+    """Two ranks (DDP) under anychip's agent, three faults, one run:
+    - rank 1 raises at the start of step 4 while rank 0 goes on into the step's gradient
+      all-reduce: rank 0's collective fails at once (rank 1 shut its connections) and both
+      ranks re-enter training in their processes within 2 s, from the snapshot of step 3;
+    - rank 1 is killed at step 8: the agent starts rank 1 alone on its warm spare, rank 0
+      restarts in its process;
+    - rank 0 hangs at step 12 (holding the GIL) while rank 1 waits for it in the all-reduce:
+      the watchdog kills rank 0 only (its interpreter stopped; rank 1's did not), which is
+      started alone again, and rank 1 restarts in its process.
+    The run ends bit-identical to one without faults."""
+    sets = ["train.steps=14", "parallel.nproc=2", "parallel.strategy=ddp", "checkpoint.interval=0"]
+    sets += ["parallel.max_restarts=4", "guards.watchdog_grace_s=2"]
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
     cli(clean, *sets)
-    cli(faulty, *sets, "chaos.at=exception@6:1")
-    [inject] = events(faulty, "chaos_inject")
-    failed = {e["rank"]: e for e in events(faulty, "worker_failed")}
+    cli(faulty, *sets, "chaos.at=exception@4:1,kill@8:1,hang@12:0")
+    inject = {e["kind"]: e for e in events(faulty, "chaos_inject")}
+    failed = [e for e in events(faulty, "worker_failed") if e["time"] < inject["kill"]["time"]]
+    failed = {e["rank"]: e for e in failed}
     assert failed[1]["origin"] and "ChaosError" in failed[1]["error"]
     assert not failed[0]["origin"] and "Connection" in failed[0]["error"]  # it was inside a collective
-    restarts = {e["rank"]: e for e in events(faulty, "restart_in_process")}
-    assert set(restarts) == {0, 1}
-    for rank, e in restarts.items():
-        assert e["time"] - inject["time"] < 2.0, (rank, e["time"] - inject["time"])
-        assert e["step"] == 5 and e["generation"] == 1
-    starts = events(faulty, "run_start")
-    assert [(e["restart"], e["generation"]) for e in starts] == [(0, 0), (0, 1)]
-    assert starts[0]["pid"] == starts[1]["pid"]  # rank 0's process: the same one
-    assert [e["step"] for e in events(faulty, "snapshot_load")] == [5]
+    restarts = [(e["rank"], e["generation"], e["step"]) for e in events(faulty, "restart_in_process")]
+    # the exception: both ranks, from step 3; the kill: rank 0; the hang: rank 1 (both from the
+    # newest snapshot, or the one before when the kill came during the copy of the newest)
+    assert restarts[:2] in ([(0, 1, 3), (1, 1, 3)], [(1, 1, 3), (0, 1, 3)])
+    assert [(r, g) for r, g, _ in restarts[2:]] == [(0, 2), (1, 3)]
+    assert restarts[2][2] in (6, 7) and restarts[3][2] in (10, 11)
+    for e in events(faulty, "restart_in_process")[:2]:
+        assert e["time"] - inject["exception"]["time"] < 2.0
+    # the agent started one rank alone for each dead process: first on its warm spare
+    alone = [(e["rank"], e["scope"]) for e in events(faulty, "worker_restart")]
+    assert alone == [(1, "rank"), (0, "rank")]
+    assert events(faulty, "worker_restart")[0]["spare"]
+    [hang] = events(faulty, "hang_detected")  # the hung rank only, not the one waiting for it
+    assert hang["rank"] == 0
+    starts = events(faulty, "run_start")  # rank 0's: its first process, twice; then the new one
+    assert [e["generation"] for e in starts] == [0, 1, 2, 3]
+    assert starts[0]["pid"] == starts[1]["pid"] == starts[2]["pid"] != starts[3]["pid"]
+    assert not events(faulty, "checkpoint_load")
     assert_same_weights(faulty, clean)
 
 

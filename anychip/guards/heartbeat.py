@@ -11,12 +11,18 @@ checkpoint steps, held-out loss steps and rollbacks, ``watchdog_startup_s``; the
 export and evaluation are not watched (their length depends on the evaluation set, not on
 the step time).
 
+Beside the heartbeat, a thread touches ``rank<r>.pulse`` every half second: it stops when the
+interpreter stops (a native call that holds the GIL, a stopped process), not when the main
+thread waits in a collective. When several ranks are overdue at once, the watchdog kills those
+whose pulse stopped first: the ranks waiting for them are then released by their death.
+
 On SIGUSR1 the worker's Python stacks are written to ``RUN_DIR/stacks/rank<r>-<pid>.txt``
 by faulthandler, which works while another thread holds the GIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -24,12 +30,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .watchdog import WATCHED_BY_LAUNCHER, process_start
+from .watchdog import PULSE_S, WATCHED_BY_LAUNCHER, process_start
 
 
 class Heartbeat:
@@ -46,12 +53,22 @@ class Heartbeat:
         self._last = None
         self._start = process_start(os.getpid())
         self.beat(0, "start-up", self.cfg.watchdog_startup_s)
+        self._pulse_stop = threading.Event()
+        self._pulse = threading.Thread(target=self._pulse_loop, name="anychip-pulse", daemon=True)
+        self._pulse.start()
         self.process = None
         if os.environ.get(WATCHED_BY_LAUNCHER):
             return
         argv = [sys.executable, "-m", "anychip.guards.watchdog", "--heartbeat", str(self.path)]
         argv += ["--pid", str(os.getpid()), "--run-dir", str(run_dir), "--rank", str(rank), "--stacks", str(stacks)]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def _pulse_loop(self) -> None:
+        path = self.path.with_suffix(".pulse")
+        while not self._pulse_stop.is_set():
+            with contextlib.suppress(OSError):
+                path.touch()
+            self._pulse_stop.wait(PULSE_S)
 
     def unwatched(self, phase: str) -> None:
         """From here on, no deadline (e.g. the final export and evaluation, of any length)."""
@@ -97,6 +114,7 @@ class Heartbeat:
         self.beat(state.step, "rollback", self._step_timeout(state.step + 1))
 
     def close(self) -> None:
+        self._pulse_stop.set()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)

@@ -35,6 +35,7 @@ from pathlib import Path
 from ..events import append_event
 
 WATCHED_BY_LAUNCHER = "ANYCHIP_WATCHED"  # set by anychip's launcher, which watches its workers itself
+PULSE_S = 0.5  # a worker's interpreter touches its pulse file this often (heartbeat.py)
 
 
 def process_start(pid: int) -> int | None:
@@ -227,9 +228,21 @@ class ChildWatcher:
     child processes running ``anychip.launch``) from the moment it appears."""
 
     def __init__(
-        self, run_dir: Path, startup_s: float, grace_s: float, poll: float = 0.25, marker: str = "anychip.launch"
+        self,
+        run_dir: Path,
+        startup_s: float,
+        grace_s: float,
+        poll: float = 0.25,
+        marker: str = "anychip.launch",
+        workers=None,
     ):
+        """``workers``: a callable giving {pid: rank} of the processes to watch (anychip's agent,
+        which knows which of its children hold a rank); default: every child process whose
+        command line contains ``marker``, its rank from its environment."""
         self.run_dir, self.startup_s, self.grace_s, self.poll, self.marker = run_dir, startup_s, grace_s, poll, marker
+        self.workers = workers
+        self._ranks: dict[int, int | None] = {}
+        self._settle_until = 0.0
         self._stop = threading.Event()
         self._workers: dict[tuple[int, int | None], Worker] = {}
         self.paused = False  # e.g. while the launcher stops its workers on purpose
@@ -247,28 +260,54 @@ class ChildWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
-            live = children(os.getpid(), self.marker)
+            if self.workers is not None:
+                self._ranks = self.workers()
+                live = {pid: process_start(pid) for pid in self._ranks}
+            else:
+                live = children(os.getpid(), self.marker)
             for key in list(self._workers):
                 if key not in live.items():
                     self._workers.pop(key).close()
             for pid, start in live.items():
                 if (pid, start) not in self._workers:
                     self._workers[(pid, start)] = Worker(pid, start)
-            if not self.paused:
-                for w in list(self._workers.values()):
-                    self._check(w)
+            if not self.paused and time.monotonic() >= self._settle_until:
+                late = [x for x in (self._check(w) for w in list(self._workers.values())) if x is not None]
+                for x in self._victims(late):
+                    self._kill(*x)
 
-    def _check(self, w: Worker) -> None:
+    def _check(self, w: Worker) -> tuple | None:
+        """(worker, state, rank, beat, (silent, deadline)) when ``w`` is past its deadline."""
         state = w.state()
         if state in (None, "Z", "X"):
-            return
-        rank = environ_rank(w.pid)
+            return None
+        rank = self._ranks.get(w.pid) if self.workers is not None else environ_rank(w.pid)
         beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json") if rank is not None else None
         late = overdue(beat, w, self.startup_s, self.grace_s)
-        if late is None:
-            return
+        return None if late is None else (w, state, rank, beat if w.owns(beat) else None, late)
+
+    def _victims(self, late: list[tuple]) -> list[tuple]:
+        """Of several overdue ranks, those whose interpreter stopped (no pulse for 4 x PULSE_S)
+        if any, else the one silent longest; the others are judged again after a settling
+        second, by when the ones killed have released them (or not)."""
+        if len(late) <= 1:
+            return late
+        now = time.time()
+
+        def stopped(x: tuple) -> bool:
+            try:
+                pulse = (self.run_dir / "heartbeat" / f"rank{x[2]}.pulse").stat().st_mtime
+            except OSError:
+                return True
+            return now - pulse > 4 * PULSE_S
+
+        victims = [x for x in late if stopped(x)] or [max(late, key=lambda x: x[4][0])]
+        self._settle_until = time.monotonic() + 1.0
+        return victims
+
+    def _kill(self, w: Worker, state: str, rank: int | None, beat: dict | None, late: tuple[float, float]) -> None:
         stacks = self.run_dir / "stacks" / f"rank{rank}-{w.pid}.txt"  # written from the worker's start
-        kill_hung(w, state, beat if w.owns(beat) else None, self.run_dir, rank, stacks, *late)
+        kill_hung(w, state, beat, self.run_dir, rank, stacks, *late)
         self._workers.pop((w.pid, w.start), None)
         w.close()
 

@@ -27,7 +27,7 @@ from ..config import Config
 from ..device import get_device
 from ..events import append_event
 from ..guards.base import Action, StepView
-from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, unwrap
+from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, mark_done, unwrap
 from .build import Trainer, build, build_source
 from .finish import finish
 from .hooks import Hooks, TrainState
@@ -63,6 +63,7 @@ def train(
             hooks("on_end", trainer.state)
         if trainer.state.checkpointer.snapshots is not None:
             trainer.state.checkpointer.snapshots.remove()  # done (or preempted, with a checkpoint of this step)
+        mark_done(world)
         return trainer.state
     except BaseException as e:
         failed = True
@@ -78,6 +79,9 @@ def train(
                 step=trainer.state.step if trainer is not None else None,
                 error=f"{type(e).__name__}: {e}",
             )
+        if trainer is not None and trainer.heartbeat is not None:  # the teardown and a restart are not a hang
+            with contextlib.suppress(OSError):
+                trainer.heartbeat.beat(trainer.state.step, "failed", cfg.guards.watchdog_startup_s)
         hooks.close()  # the watchdog first: the wait below is not a hang
         if trainer is not None:
             trainer.state.checkpointer.wait(barrier=False)  # a good checkpoint in flight still commits

@@ -4,6 +4,8 @@ the terminal shows."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 import torch
@@ -14,7 +16,7 @@ from .step import Work
 class StepMeter:
     def __init__(self, core, device, world, amp):
         self.device, self.world = device, world
-        self.peak = device.peak_flops(amp or torch.float32)
+        self.peak = job_peak(device, amp or torch.float32, world)
         self.moe_names = core.moe_layer_names()
         self.t0 = time.perf_counter()
 
@@ -36,6 +38,24 @@ class StepMeter:
             "memory_peak_gb": self.device.memory_stats()["peak_allocated"] / 2**30,
             **extra,  # from guards, for this step
         }
+
+
+def job_peak(device, dtype: torch.dtype, world) -> float | None:
+    """The device's peak FLOP/s at ``dtype`` (``device.peak_flops``: a timed matmul, 0.6 s on a
+    small CPU), measured once per host, device and thread count for the job and kept in the
+    job's store: a worker started again later (alone, or in its process) reads it, with no
+    matmul in its start-up and the same reference for the MFU of every start."""
+    store = world.job_store
+    if store is None:
+        return device.peak_flops(dtype)
+    key = f"peak_flops/{socket.gethostname()}/{device.name()}/{dtype}/{torch.get_num_threads()}"
+    with contextlib.suppress(Exception):  # a store that does not answer: measure here
+        if store.check([key]):
+            return float(store.get(key)) or None
+    peak = device.peak_flops(dtype)
+    with contextlib.suppress(Exception):
+        store.set(key, str(peak or 0.0))
+    return peak
 
 
 def imbalance(loads: torch.Tensor) -> float:
