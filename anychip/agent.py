@@ -179,7 +179,7 @@ class Agent:
     def _done(self, rank: int) -> bool:
         from .parallel import JOB_PREFIX, done_key
 
-        return self.store.check([JOB_PREFIX + done_key(self.attempt, rank)])
+        return self.store.check([f"{JOB_PREFIX}/{done_key(self.attempt, rank)}"])
 
     def _joined(self, rank: int) -> int | None:
         from .parallel import joined_key

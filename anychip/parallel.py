@@ -16,7 +16,7 @@ from .device import Device
 from .errors import ConfigError
 from .launcher_env import ATTEMPT
 
-JOB_PREFIX = "anychip/job/"  # keys of the whole job, across its restarts
+JOB_PREFIX = "anychip/job"  # keys of the whole job, across its restarts (a PrefixStore adds the "/")
 
 
 def joined_key(attempt: int | str, rank: int) -> str:

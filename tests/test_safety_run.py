@@ -351,3 +351,24 @@ def test_of_several_overdue_ranks_the_watchdog_kills_those_whose_interpreter_sto
     (beats / "rank1.pulse").touch()
     assert [x[2] for x in watcher._victims(late)] == [0]  # no stopped interpreter: the longest silence
     assert watcher._victims(late[1:]) == late[1:]  # one overdue rank: that one
+
+
+def test_the_agent_sees_a_rank_that_recorded_the_end_of_its_run(tmp_path, monkeypatch):
+    """A worker that finished its run records it in the job's store (mark_done): the agent
+    then takes a crash in that worker's teardown for the end it already reached, and does
+    not start it again."""
+    import torch.distributed as dist
+
+    from anychip.agent import Agent
+    from anychip.parallel import JOB_PREFIX, World, mark_done
+
+    monkeypatch.delenv("ANYCHIP_ATTEMPT", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    agent = Agent([], tmp_path, 2, 0, 0)
+    client = dist.TCPStore("127.0.0.1", agent.store.port, is_master=False)
+    world = World(rank=1, world_size=2, job_store=dist.PrefixStore(JOB_PREFIX, client))
+    assert not agent._done(1)
+    mark_done(world)
+    assert agent._done(1) and not agent._done(0)
+    agent.attempt = 1  # a later start of every worker: its own records
+    assert not agent._done(1)

@@ -60,10 +60,7 @@ class ReplicaCheck(Guard):
         step = view.step
         if step % self.interval and not self.checkpoint_due(step):
             return None
-        mine = torch.tensor([fingerprint(self.model.parameters())], dtype=torch.int64)
-        everyone = [torch.zeros_like(mine) for _ in range(self.world.world_size)]
-        dist.all_gather(everyone, mine)
-        prints = [int(t.item()) for t in everyone]
+        prints = self._fingerprints()
         if len(set(prints)) == 1:
             self.passed = step
             return None
@@ -81,8 +78,17 @@ class ReplicaCheck(Guard):
             )
         return Verdict(action, "replica_check", reason, verified=True, event="replica_mismatch", detail=detail)
 
+    def _fingerprints(self) -> list[int]:
+        mine = torch.tensor([fingerprint(self.model.parameters())], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world.world_size)]
+        dist.all_gather(everyone, mine)
+        return [int(t.item()) for t in everyone]
+
     def started(self, step: int) -> None:
-        self.passed = None
+        """The state the run starts from (a snapshot restored after a restart may hold a flip) is
+        compared at once: when the replicas agree, a later mismatch goes back to it, not to
+        the disk checkpoint before it."""
+        self.passed = step if len(set(self._fingerprints())) == 1 else None
 
     def rolled_back(self, step: int) -> None:
         self.passed = None if self.passed is None or self.passed > step else self.passed
