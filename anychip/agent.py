@@ -177,8 +177,18 @@ class Agent:
         return True
 
     def _done(self, rank: int) -> bool:
+        """Whether ``rank``'s process recorded the end of its run: in the job's store (several
+        processes), or as its heartbeat's last phase (any number)."""
+        from .guards.watchdog import DONE, read_beat
         from .parallel import JOB_PREFIX, done_key
 
+        beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json")
+        if (
+            beat is not None
+            and beat.get("phase") == DONE
+            and beat.get("pid") == getattr(self.procs.get(rank), "pid", None)
+        ):
+            return True
         return self.store.check([f"{JOB_PREFIX}/{done_key(self.attempt, rank)}"])
 
     def _joined(self, rank: int) -> int | None:

@@ -10,6 +10,7 @@ import sys
 import time
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -372,3 +373,10 @@ def test_the_agent_sees_a_rank_that_recorded_the_end_of_its_run(tmp_path, monkey
     assert agent._done(1) and not agent._done(0)
     agent.attempt = 1  # a later start of every worker: its own records
     assert not agent._done(1)
+    # one process (no store): its heartbeat's last phase, written by that very process
+    agent.procs[0] = SimpleNamespace(pid=4242)
+    (tmp_path / "heartbeat").mkdir()
+    (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps({"phase": "done", "pid": 4243}))
+    assert not agent._done(0)
+    (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps({"phase": "done", "pid": 4242}))
+    assert agent._done(0)

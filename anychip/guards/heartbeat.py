@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .watchdog import PULSE_S, WATCHED_BY_LAUNCHER, process_start
+from .watchdog import DONE, PULSE_S, WATCHED_BY_LAUNCHER, process_start
 
 
 class Heartbeat:
@@ -69,6 +69,11 @@ class Heartbeat:
             with contextlib.suppress(OSError):
                 path.touch()
             self._pulse_stop.wait(PULSE_S)
+
+    def done(self) -> None:
+        """The run ended here (phase "done", no deadline): anychip's agent does not start this
+        process again for a failure in its teardown."""
+        self.beat(-1, DONE, None)
 
     def unwatched(self, phase: str) -> None:
         """From here on, no deadline (e.g. the final export and evaluation, of any length)."""
@@ -115,6 +120,7 @@ class Heartbeat:
 
     def close(self) -> None:
         self._pulse_stop.set()
+        self._pulse.join(timeout=2)  # no thread of this run left running into the interpreter's exit
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)

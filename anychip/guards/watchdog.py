@@ -36,6 +36,7 @@ from ..events import append_event
 
 WATCHED_BY_LAUNCHER = "ANYCHIP_WATCHED"  # set by anychip's launcher, which watches its workers itself
 PULSE_S = 0.5  # a worker's interpreter touches its pulse file this often (heartbeat.py)
+DONE = "done"  # the heartbeat's phase once the worker's run ended (heartbeat.py)
 
 
 def process_start(pid: int) -> int | None:

@@ -64,6 +64,8 @@ def train(
         if trainer.state.checkpointer.snapshots is not None:
             trainer.state.checkpointer.snapshots.remove()  # done (or preempted, with a checkpoint of this step)
         mark_done(world)
+        if trainer.heartbeat is not None:
+            trainer.heartbeat.done()
         return trainer.state
     except BaseException as e:
         failed = True
