@@ -3,7 +3,7 @@
 checkpoint write), 2 processes with DDP; then the same run without faults. The soak
 must end with the same final weights; its goodput and faults are printed.
 
-    python bench/chaos_soak.py [--steps 300] [--every 25] [--seed 13] [--preset tiny] [--replica-check 5]
+    python bench/chaos_soak.py [--steps 300] [--every 25] [--seed 13] [--preset tiny] [--replica-check 1]
 
 --replica-check: how often the replicas' weights are compared (guards.replica_check_interval):
 a bit flip is found up to that many steps late, and the steps since the last agreement are
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--replica-check", type=int, default=5, help="guards.replica_check_interval")
+    p.add_argument("--replica-check", type=int, default=1, help="guards.replica_check_interval")
     a = p.parse_args()
     sets = [
         f"model.preset={a.preset}",
