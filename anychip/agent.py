@@ -177,19 +177,14 @@ class Agent:
         return True
 
     def _done(self, rank: int) -> bool:
-        """Whether ``rank``'s process recorded the end of its run: in the job's store (several
-        processes), or as its heartbeat's last phase (any number)."""
+        """Whether ``rank``'s process recorded the end of its run: its heartbeat's last phase,
+        written by that very process (with ``guards.watchdog`` off there is none, and a crash
+        in the teardown is restarted: the run resumes from its final checkpoint)."""
         from .guards.watchdog import DONE, read_beat
-        from .parallel import JOB_PREFIX, done_key
 
         beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json")
-        if (
-            beat is not None
-            and beat.get("phase") == DONE
-            and beat.get("pid") == getattr(self.procs.get(rank), "pid", None)
-        ):
-            return True
-        return self.store.check([f"{JOB_PREFIX}/{done_key(self.attempt, rank)}"])
+        pid = getattr(self.procs.get(rank), "pid", None)
+        return beat is not None and beat.get("phase") == DONE and beat.get("pid") == pid
 
     def _joined(self, rank: int) -> int | None:
         from .parallel import joined_key

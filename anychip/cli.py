@@ -104,7 +104,7 @@ def launch_workers(cfg, run_dir: Path) -> int:
     agent = Agent(args, run_dir, p.nproc, p.max_restarts, p.spare_workers, log=_say)
     watcher = None
     if g.watchdog:
-        watcher = agent.watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s, workers=agent.workers)
+        watcher = agent.watcher = ChildWatcher(run_dir, g.watchdog_startup_s, g.watchdog_grace_s, agent.workers)
         watcher.start()
     preemption = _Preemption(p.preempt_grace_s, agent.workers)
     stops = {

@@ -113,7 +113,7 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None, generati
         # the launcher's store outlives a restart of the workers: keys of the previous attempt
         # or generation (e.g. a dead rank's address) must not be read by the next one
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-        attempt = store_attempt()
+        attempt = os.environ.get(ATTEMPT) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         base, store = store, dist.PrefixStore(f"anychip/attempt_{attempt}/generation_{generation}/", store)
         dist.init_process_group(device.dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         base.set(joined_key(attempt, rank), str(generation))  # anychip's agent: this rank may be restarted alone
@@ -138,24 +138,6 @@ def init_world(device: Device, timeout_s: float = 600.0, parallel=None, generati
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def store_attempt() -> str:
-    """Which start of all the job's workers this is (anychip's agent, else torchrun's restart count)."""
-    return os.environ.get(ATTEMPT) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-
-
-def done_key(attempt: int | str, rank: int) -> str:
-    """The job's store key (under ``World.job_store``'s prefix) of a rank that finished the run."""
-    return f"attempt_{attempt}/done/rank{rank}"
-
-
-def mark_done(world: World) -> None:
-    """Record in the job's store that this rank finished the run: anychip's agent does not
-    start it again for a failure in its teardown after this."""
-    if world.job_store is not None:
-        with contextlib.suppress(Exception):
-            world.job_store.set(done_key(store_attempt(), world.rank), "1")
 
 
 def first_failure(world: World) -> bool:

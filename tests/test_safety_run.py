@@ -341,7 +341,7 @@ def test_of_several_overdue_ranks_the_watchdog_kills_those_whose_interpreter_sto
 
     beats = tmp_path / "heartbeat"
     beats.mkdir()
-    watcher = ChildWatcher(tmp_path, 600, 5)
+    watcher = ChildWatcher(tmp_path, 600, 5, dict)
     for rank in (0, 1):
         (beats / f"rank{rank}.pulse").touch()
     stale = time.time() - 10 * PULSE_S
@@ -354,29 +354,19 @@ def test_of_several_overdue_ranks_the_watchdog_kills_those_whose_interpreter_sto
     assert watcher._victims(late[1:]) == late[1:]  # one overdue rank: that one
 
 
-def test_the_agent_sees_a_rank_that_recorded_the_end_of_its_run(tmp_path, monkeypatch):
-    """A worker that finished its run records it in the job's store (mark_done): the agent
+def test_the_agent_sees_a_rank_that_recorded_the_end_of_its_run(tmp_path):
+    """A worker that finished its run records it as its heartbeat's last phase: the agent
     then takes a crash in that worker's teardown for the end it already reached, and does
-    not start it again."""
-    import torch.distributed as dist
-
+    not start it again; the record of another process (an earlier one of that rank) is not it."""
     from anychip.agent import Agent
-    from anychip.parallel import JOB_PREFIX, World, mark_done
 
-    monkeypatch.delenv("ANYCHIP_ATTEMPT", raising=False)
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     agent = Agent([], tmp_path, 2, 0, 0)
-    client = dist.TCPStore("127.0.0.1", agent.store.port, is_master=False)
-    world = World(rank=1, world_size=2, job_store=dist.PrefixStore(JOB_PREFIX, client))
-    assert not agent._done(1)
-    mark_done(world)
-    assert agent._done(1) and not agent._done(0)
-    agent.attempt = 1  # a later start of every worker: its own records
-    assert not agent._done(1)
-    # one process (no store): its heartbeat's last phase, written by that very process
     agent.procs[0] = SimpleNamespace(pid=4242)
+    assert not agent._done(0) and not agent._done(1)
     (tmp_path / "heartbeat").mkdir()
     (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps({"phase": "done", "pid": 4243}))
     assert not agent._done(0)
+    (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps({"phase": "step", "pid": 4242}))
+    assert not agent._done(0)
     (tmp_path / "heartbeat" / "rank0.json").write_text(json.dumps({"phase": "done", "pid": 4242}))
-    assert agent._done(0)
+    assert agent._done(0) and not agent._done(1)

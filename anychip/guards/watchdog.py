@@ -1,6 +1,6 @@
 """The hang watchdog (standard library only). Two ways to run it:
 
-- beside ``anychip train``'s elastic agent, in the launcher process (``ChildWatcher``): it
+- beside ``anychip train``'s agent, in the launcher process (``ChildWatcher``): it
   watches every worker the agent starts **from the moment it is spawned**, so a worker
   that freezes in its imports, device init, the rendezvous or a checkpoint load, before
   it ever wrote a heartbeat, is found within ``watchdog_startup_s`` + ``watchdog_grace_s``;
@@ -14,7 +14,8 @@ has not beaten within the deadline it promised (or, before its first beat, withi
 start-up deadline), the watchdog asks for its Python stacks (SIGUSR1, written by
 faulthandler; impossible when the worker is stopped or has not registered it yet),
 records a ``hang_detected`` event and kills the worker with SIGKILL: the launcher's
-restart path (torch elastic) takes over and the job resumes from its newest checkpoint.
+restart path takes over (anychip's agent: that rank alone; torchrun: the node's workers)
+and the job resumes from its newest snapshot or checkpoint.
 
 A worker is identified by its pid *and* its start time (and signalled through a pidfd
 where Linux has them), so a recycled pid is never mistaken for it; deadlines are on the
@@ -188,59 +189,13 @@ def kill_hung(
     worker.signal(signal.SIGKILL)
 
 
-def children(pid: int, marker: str) -> dict[int, int | None]:
-    """Child processes of ``pid`` whose command line contains ``marker``: {pid: start time}."""
-    found: dict[int, int | None] = {}
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    pids = set()
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                pids.update(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    for child in pids:
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if marker.encode() not in f.read():
-                    continue
-        except OSError:
-            continue
-        found[child] = process_start(child)
-    return found
-
-
-def environ_rank(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"RANK="):
-                    return int(item[5:])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 class ChildWatcher:
-    """A thread in the launcher that watches every worker the elastic agent spawns (its
-    child processes running ``anychip.launch``) from the moment it appears."""
+    """A thread in the launcher that watches every worker the agent starts from the moment
+    it appears. ``workers``: a callable giving {pid: rank} of the processes that hold a rank
+    now (``Agent.workers``; its warm spares are not among them until they get one)."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        startup_s: float,
-        grace_s: float,
-        poll: float = 0.25,
-        marker: str = "anychip.launch",
-        workers=None,
-    ):
-        """``workers``: a callable giving {pid: rank} of the processes to watch (anychip's agent,
-        which knows which of its children hold a rank); default: every child process whose
-        command line contains ``marker``, its rank from its environment."""
-        self.run_dir, self.startup_s, self.grace_s, self.poll, self.marker = run_dir, startup_s, grace_s, poll, marker
+    def __init__(self, run_dir: Path, startup_s: float, grace_s: float, workers, poll: float = 0.25):
+        self.run_dir, self.startup_s, self.grace_s, self.poll = run_dir, startup_s, grace_s, poll
         self.workers = workers
         self._ranks: dict[int, int | None] = {}
         self._settle_until = 0.0
@@ -261,11 +216,8 @@ class ChildWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
-            if self.workers is not None:
-                self._ranks = self.workers()
-                live = {pid: process_start(pid) for pid in self._ranks}
-            else:
-                live = children(os.getpid(), self.marker)
+            self._ranks = self.workers()
+            live = {pid: process_start(pid) for pid in self._ranks}
             for key in list(self._workers):
                 if key not in live.items():
                     self._workers.pop(key).close()
@@ -282,7 +234,7 @@ class ChildWatcher:
         state = w.state()
         if state in (None, "Z", "X"):
             return None
-        rank = self._ranks.get(w.pid) if self.workers is not None else environ_rank(w.pid)
+        rank = self._ranks.get(w.pid)
         beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json") if rank is not None else None
         late = overdue(beat, w, self.startup_s, self.grace_s)
         return None if late is None else (w, state, rank, beat if w.owns(beat) else None, late)

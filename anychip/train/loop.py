@@ -27,7 +27,7 @@ from ..config import Config
 from ..device import get_device
 from ..events import append_event
 from ..guards.base import Action, StepView
-from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, mark_done, unwrap
+from ..parallel import abort_world, all_reduce_sum, close_world, first_failure, init_world, unwrap
 from .build import Trainer, build, build_source
 from .finish import finish
 from .hooks import Hooks, TrainState
@@ -63,7 +63,6 @@ def train(
             hooks("on_end", trainer.state)
         if trainer.state.checkpointer.snapshots is not None:
             trainer.state.checkpointer.snapshots.remove()  # done (or preempted, with a checkpoint of this step)
-        mark_done(world)
         if trainer.heartbeat is not None:
             trainer.heartbeat.done()
         return trainer.state
