@@ -21,6 +21,8 @@ Kinds (and where they strike):
                        every time it is drawn (a data-caused loss spike)
     sdc                flaky compute: noise on one layer's output for this step's forward
                        passes on the rank (caught by the recompute audit on audit steps)
+    pool_loss          pool_loss@step:pool: every process of that pool dies at the start of the
+                       step (its launcher with SIGKILL, its workers with it); a run of pools
 
 Every injection is appended to events.jsonl as ``chaos_inject`` by the rank that injects
 it, before it strikes; an injection fires once per run, also across restarts (the
@@ -41,6 +43,7 @@ import torch
 from .checkpoint import committed
 from .config import FAULT_KINDS, split_fault
 from .events import append_event, read_jsonl
+from .launcher_env import LAUNCHER_PID, POOL
 from .parallel import unwrap
 
 KINDS = FAULT_KINDS  # declared on the config field chaos.kinds
@@ -72,7 +75,7 @@ def schedule(cfg, world_size: int, steps: int, replicas: bool) -> list[Fault]:
     compare (DDP with >= 2 ranks); without them a flip is undetectable by design."""
     faults = [parse_fault(s) for s in cfg.at]
     if cfg.every:
-        kinds = [k for k in cfg.kinds if k not in ("bad_batch", "sdc") and (k != "bitflip" or replicas)]
+        kinds = [k for k in cfg.kinds if k not in ("bad_batch", "sdc", "pool_loss") and (k != "bitflip" or replicas)]
         for step in range(2, steps):
             rng = random.Random(f"{cfg.seed}:{step}")
             if kinds and rng.random() < 1.0 / cfg.every:
@@ -93,6 +96,7 @@ class Chaos:
         self.state = state
         self.cfg = cfg
         self.rank = state.world.rank
+        self.pool = int(os.environ.get(POOL, "-1"))  # pool_loss@step:pool strikes through its rank 0
         fired = {
             (e["kind"], e["step"], e["rank"])
             for e in read_jsonl(state.run_dir / "events.jsonl")
@@ -112,20 +116,29 @@ class Chaos:
     def _due(self, kinds: tuple[str, ...], everywhere: bool = False) -> list[Fault]:
         """Faults of these kinds at this step for this rank; each recorded as it fires."""
         step = self.state.step
-        due = [f for f in self.faults if f.kind in kinds and f.step == step and (everywhere or f.rank == self.rank)]
+        due = [f for f in self.faults if f.kind in kinds and f.step == step and (everywhere or self._mine(f))]
         for f in due:
             self.faults.remove(f)
-            if f.rank == self.rank:  # the injecting rank records it, before it strikes
+            if self._mine(f):  # the injecting rank records it, before it strikes
                 append_event(self.state.run_dir, "chaos_inject", kind=f.kind, step=f.step, rank=f.rank)
-        return [f for f in due if f.rank == self.rank or everywhere]
+        return [f for f in due if self._mine(f) or everywhere]
+
+    def _mine(self, f: Fault) -> bool:
+        if f.kind == "pool_loss":  # its number is a pool
+            return f.rank == self.pool and self.rank == 0
+        return f.rank == self.rank
 
     # -- hooks -----------------------------------------------------------------------
 
     def before_step(self, state) -> None:
         self._heal()  # flaky compute lasts one step (also when that step was rolled back)
-        for f in self._due(("kill", "exception", "hang", "slow", "sdc", "checkpoint_write")):
+        for f in self._due(("kill", "exception", "hang", "slow", "sdc", "checkpoint_write", "pool_loss")):
             if f.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif f.kind == "pool_loss":  # the pool's launcher first: it must not start the workers again
+                if os.environ.get(LAUNCHER_PID):
+                    os.kill(int(os.environ[LAUNCHER_PID]), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)  # and the pool's other workers die with their launcher
             elif f.kind == "exception":
                 raise ChaosError(f"chaos: exception injected at step {f.step} on rank {f.rank}")
             elif f.kind == "hang":

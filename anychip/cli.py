@@ -15,7 +15,9 @@ from pathlib import Path
 from .config import DEFAULT_CONFIG, GRPO_CONFIG, load_config
 from .errors import UNRECOVERABLE, ConfigError
 from .launch import FATAL
-from .launcher_env import LAUNCHER_PID, PREEMPTED
+from .launcher_env import LAUNCHER_PID, POOL, PREEMPTED
+from .pools.launch import CONFIG as POOLS_CONFIG
+from .pools.launch import LIGHTHOUSE_ENV
 from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
 
 
@@ -29,6 +31,12 @@ def _train(a: argparse.Namespace) -> int:
             sets.insert(1, f"model.init_from={json.dumps(str(a.init))}")
     if a.nproc is not None:
         sets.append(f"parallel.nproc={a.nproc}")
+    if getattr(a, "pools", None) is not None:
+        sets.append(f"pools.count={a.pools}")
+    if getattr(a, "pool", None) is not None:  # one pool of a run whose pools start apart (a cluster)
+        os.environ[POOL] = str(a.pool)
+    if getattr(a, "lighthouse", None):
+        os.environ[LIGHTHOUSE_ENV] = a.lighthouse
     faults = [spec for spec in a.chaos if not spec.startswith("every=")]  # shorthand: kind@step[:rank],...
     sets += [f"chaos.{spec}" for spec in a.chaos if spec.startswith("every=")]  # ... or every=N
     if faults:
@@ -38,6 +46,8 @@ def _train(a: argparse.Namespace) -> int:
         if a.config or a.run_dir:
             raise ConfigError("anychip train --resume RUN_DIR takes no CONFIG and no --run-dir")
         config = a.resume / "config.toml"
+        if (a.resume / POOLS_CONFIG).is_file():  # a run of several pools (anychip train --pools K)
+            config = a.resume / POOLS_CONFIG
         if not config.is_file():
             raise FileNotFoundError(f"--resume {a.resume}: no config.toml there (not a run directory)")
     cfg = load_config(config, sets, embedded=embedded)
@@ -59,6 +69,10 @@ def _train(a: argparse.Namespace) -> int:
         from .snapshot import remove_run_snapshots
 
         try:
+            if cfg.pools.count > 1 and POOL not in os.environ:  # this machine runs every pool
+                from .pools.launch import run_pools
+
+                return run_pools(cfg, run_dir, resume=a.resume is not None)
             if cfg.parallel.nproc == 1 and cfg.parallel.max_restarts == 0:
                 from .train.loop import train
 
@@ -261,6 +275,12 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lighthouse(a: argparse.Namespace) -> int:
+    from .pools.launch import serve_lighthouse
+
+    return serve_lighthouse(a.port, a.min_pools, a.timeout_s)
+
+
 def _goodput(a: argparse.Namespace) -> int:
     from .goodput import format_goodput, goodput
 
@@ -359,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
             "--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint"
         )
         q.set_defaults(fn=_train)
+    t.add_argument("--pools", type=int, metavar="K", help="K pools on this machine, with a lighthouse (pools.count)")
+    t.add_argument("--pool", type=int, metavar="I", help="this job is pool I of a run whose pools start apart")
+    t.add_argument("--lighthouse", metavar="URL", help="the pools' lighthouse (default $TORCHFT_LIGHTHOUSE)")
+    lh = sub.add_parser("lighthouse", help="serve the quorum of a run's pools (torchft's lighthouse)")
+    lh.add_argument("--port", type=int, default=29510)
+    lh.add_argument("--min-pools", type=int, default=1, help="the fewest pools that may train")
+    lh.add_argument("--timeout-s", type=float, default=5.0, help="a pool silent this long leaves the quorum")
+    lh.set_defaults(fn=_lighthouse)
     r.add_argument(
         "--init",
         type=Path,

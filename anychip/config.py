@@ -95,6 +95,7 @@ FAULT_KINDS = (
     "checkpoint_write",
     "bad_batch",
     "sdc",
+    "pool_loss",
 )
 PRESET_NAMES = tuple(PRESETS)
 TRAIN_MODES = (*TOKEN_MODES, "grpo")  # grpo: batches of sampled completions (anychip/rl) instead of tokens
@@ -319,13 +320,14 @@ class ChaosConfig:
 
     at: list[str] = field(default_factory=list)
     """Faults at given steps, "kind@step" or "kind@step:rank" (rank 0 when not given), e.g. ["nan@12",
-    "kill@30:1"]; the kinds are those chaos.kinds allows."""
+    "kill@30:1"]; the kinds are those chaos.kinds allows; pool_loss@step:pool kills every process of a
+    pool."""
     every: Annotated[int, Range(ge=0)] = 0
     """A random fault about every this many steps (seeded); 0 = none."""
     kinds: list[Literal[FAULT_KINDS]] = field(
-        default_factory=lambda: [k for k in FAULT_KINDS if k not in ("bad_batch", "sdc")]
+        default_factory=lambda: [k for k in FAULT_KINDS if k not in ("bad_batch", "sdc", "pool_loss")]
     )
-    """What random faults draw from (bad_batch and sdc strike only where chaos.at names them)."""
+    """What random faults draw from (bad_batch, sdc and pool_loss strike only where chaos.at names them)."""
     seed: int = 0
     """Seed of the random faults."""
     slow_s: Annotated[float, Range(ge=0)] = 0.5
@@ -388,6 +390,32 @@ class GRPOConfig:
 
 
 @dataclass
+class PoolsConfig:
+    """Pools: one run over several fleets (each an ordinary job with its own processes, device type and
+    agent), kept on one model by torchft's Manager and lighthouse; a pool that dies leaves the others
+    training, and takes the weights from a live pool when it comes back (anychip/pools)."""
+
+    count: Annotated[int, Range(gt=0)] = 1
+    """Pools of the run; 1 = no pools. train.global_batch is the batch of all pools together."""
+    sync: Literal["step", "diloco"] = "step"
+    """step: gradients averaged over the pools every step (fast links) | diloco: each pool takes
+    pools.sync_every steps alone, then the pools average their weight changes (slow links)."""
+    sync_every: Annotated[int, Range(gt=0)] = 8
+    """DiLoCo: inner steps H between two exchanges between the pools."""
+    outer_lr: Annotated[float, Range(gt=0)] = 0.7
+    """DiLoCo: learning rate of the outer optimizer (SGD with Nesterov momentum)."""
+    outer_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    """DiLoCo: momentum of the outer optimizer."""
+    timeout_s: Annotated[float, Range(gt=0)] = 5.0
+    """A pool silent this long is left out of the quorum: the others go on without it after at most about
+    this long (the lighthouse's heartbeat timeout; the cross-pool collective's is 2 x this). The
+    lighthouse is $TORCHFT_LIGHTHOUSE (`anychip train --pool I --lighthouse URL`), or the one that
+    `anychip train --pools K` starts."""
+    max_restarts: Annotated[int, Range(ge=0)] = 3
+    """`anychip train --pools K`: a pool whose job ended in failure is started again this many times."""
+
+
+@dataclass
 class EvalConfig:
     """Evaluation: held-out loss during training, held-out problems scored at the end."""
 
@@ -427,6 +455,7 @@ class Config:
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -725,6 +754,14 @@ def _validate_grpo(cfg: Config, bad, check_inputs: bool) -> None:
         raise bad("grpo", "overlong_buffer", f"<= grpo.max_new_tokens = {g.max_new_tokens}")
 
 
+def _validate_pools(cfg: Config, bad) -> None:
+    k, nproc = cfg.pools.count, cfg.parallel.nproc
+    if cfg.train.global_batch % (k * nproc):
+        raise bad("train", "global_batch", f"a multiple of pools.count x parallel.nproc = {k * nproc}")
+    if cfg.train.mode == "grpo":
+        raise bad("pools", "count", '1 with train.mode = "grpo" (pools train token batches only)')
+
+
 def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> None:
     """Check that every value is among those its field allows, then what fields say
     together; with ``check_inputs`` also the files and modules training would read (see
@@ -743,7 +780,9 @@ def validate(cfg: Config, source: str = "config", check_inputs: bool = True) -> 
     t = cfg.train
     if t.global_batch % cfg.parallel.nproc:
         raise bad("train", "global_batch", f"a multiple of parallel.nproc = {cfg.parallel.nproc}")
-    local = t.global_batch // cfg.parallel.nproc
+    if cfg.pools.count > 1:
+        _validate_pools(cfg, bad)
+    local = t.global_batch // (cfg.parallel.nproc * cfg.pools.count)
     if t.micro_batch and local % t.micro_batch:
         raise bad("train", "micro_batch", f"a divisor of the {local} sequences per process")
     if cfg.model.init_from and check_inputs:

@@ -5,3 +5,4 @@ LAUNCHER_PID = "ANYCHIP_LAUNCHER_PID"  # the launcher's pid: it owns SIGTERM and
 PREEMPTED = "ANYCHIP_PREEMPTED"  # set once preempted: a worker started after it stops at once
 ATTEMPT = "ANYCHIP_ATTEMPT"  # starts of every worker of the job (the store's prefix; else torchrun's restart count)
 GENERATION = "ANYCHIP_GENERATION"  # the generation a worker started alone joins (its peers restart in place)
+POOL = "ANYCHIP_POOL"  # the index of the pool this job is (a run of several pools: anychip/pools)

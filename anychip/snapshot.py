@@ -55,6 +55,59 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def state_tensors(state, names: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every live tensor of a rank's training state, by name: the local shards of the model
+    state (parameters and buffers) and of the optimizer state (by parameter name), GRPO's
+    reference policy, the RNG states. What a snapshot copies, and what a pool that returns
+    takes from a live one (anychip.pools). ``names``: parameter -> name, when already known."""
+    s = state
+    out = {f"model/{k}": _local(v) for k, v in s.model.state_dict().items()}
+    names = names if names is not None else {p: n for n, p in s.model.named_parameters()}
+    for p, st in s.optimizer.state.items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"optim/{names[p]}/{key}"] = _local(v)
+    if s.ref_model is not None:
+        out.update({f"ref/{k}": _local(v) for k, v in s.ref_model.state_dict().items()})
+    out.update({f"rng/{k}": v for k, v in s.device.rng_state().items()})
+    return out
+
+
+@torch.no_grad()
+def load_state_tensors(state, saved: dict[str, torch.Tensor], source: str, devices: dict | None = None) -> None:
+    """Copy ``saved`` (``state_tensors`` of the same layout) into the live state, in place; the
+    optimizer state is created where this process has none yet (a scalar such as Adam's step on
+    the device ``devices`` names for it, else on the device it comes on). Raises KeyError naming
+    the first tensor of the live model that ``source`` lacks."""
+    s = state
+    live = {f"model/{k}": _local(v) for k, v in s.model.state_dict().items()}
+    if s.ref_model is not None:
+        live.update({f"ref/{k}": _local(v) for k, v in s.ref_model.state_dict().items()})
+    missing = [k for k in live if k not in saved]
+    if missing:
+        raise KeyError(f"{source} has no {missing[0]}")
+    for name, t in live.items():
+        t.copy_(saved[name])
+    for name, p in s.model.named_parameters():
+        prefix = f"optim/{name}/"
+        keys = [k for k in saved if k.startswith(prefix)]
+        if not keys:
+            continue
+        st = s.optimizer.state[p]
+        for k in keys:
+            value = saved[k]
+            key = k[len(prefix) :]
+            current = st.get(key)
+            if current is None:  # a fresh process: create the state as the optimizer would
+                like = value.shape == _local(p).shape and value.dim() > 0
+                current = torch.zeros_like(p) if like else torch.empty(value.shape, dtype=value.dtype)
+                current = current if like else current.to(torch.device((devices or {}).get(k, value.device)))
+                st[key] = current
+            _local(current).copy_(value)
+    rng = {k.removeprefix("rng/"): v.clone() for k, v in saved.items() if k.startswith("rng/")}
+    s.device.set_rng_state(rng)
+
+
 class Snapshots:
     """The snapshots of one rank: ``take(step)`` after an applied step when due,
     ``steps(before)`` what it holds, ``restore(step)`` in place of the live state.
@@ -85,19 +138,9 @@ class Snapshots:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Every live tensor of the snapshot, by name (local shards; optimizer state by parameter name)."""
-        s = self.state
-        out = {f"model/{k}": _local(v) for k, v in s.model.state_dict().items()}
         if self._names is None:
-            self._names = {p: n for n, p in s.model.named_parameters()}
-        names = self._names
-        for p, st in s.optimizer.state.items():
-            for key, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    out[f"optim/{names[p]}/{key}"] = _local(v)
-        if s.ref_model is not None:
-            out.update({f"ref/{k}": _local(v) for k, v in s.ref_model.state_dict().items()})
-        out.update({f"rng/{k}": v for k, v in s.device.rng_state().items()})
-        return out
+            self._names = {p: n for n, p in self.state.model.named_parameters()}
+        return state_tensors(self.state, self._names)
 
     def _identity(self) -> dict:
         w = self.state.world
@@ -253,22 +296,9 @@ class Snapshots:
         self.drop_after(step)
         memory = self._map(slot, (self.dir / f"slot{slot}.bin").stat().st_size)
         entries = record["entries"]
-        s = self.state
-        with torch.no_grad():
-            live = {f"model/{k}": _local(v) for k, v in s.model.state_dict().items()}
-            if s.ref_model is not None:
-                live.update({f"ref/{k}": _local(v) for k, v in s.ref_model.state_dict().items()})
-            missing = [k for k in live if k not in entries]
-            if missing:
-                raise KeyError(f"snapshot of step {step} has no {missing[0]}")
-            for name, t in live.items():
-                t.copy_(self._view(memory, entries[name]))
-            self._restore_optimizer(memory, entries)
-        rng = {
-            k.removeprefix("rng/"): self._view(memory, e).clone() for k, e in entries.items() if k.startswith("rng/")
-        }
-        s.device.set_rng_state(rng)
-        s.data.load_state_dict(record["data"])
+        saved = {k: self._view(memory, e) for k, e in entries.items()}
+        load_state_tensors(self.state, saved, f"snapshot of step {step}", {k: e[3] for k, e in entries.items()})
+        self.state.data.load_state_dict(record["data"])
 
     def drop_after(self, step: int) -> None:
         """Forget the snapshots of steps after ``step`` (the run went back before them)."""
@@ -283,26 +313,6 @@ class Snapshots:
         self._maps.clear()
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _restore_optimizer(self, memory: torch.Tensor, entries: dict) -> None:
-        s = self.state
-        for name, p in s.model.named_parameters():
-            prefix = f"optim/{name}/"
-            keys = [k for k in entries if k.startswith(prefix)]
-            if not keys:
-                continue
-            st = s.optimizer.state[p]
-            for k in keys:
-                saved = self._view(memory, entries[k])
-                key = k[len(prefix) :]
-                current = st.get(key)
-                if current is None:  # a fresh process: create the state as the optimizer would
-                    like = saved.shape == _local(p).shape and saved.dim() > 0
-                    current = torch.zeros_like(p) if like else torch.empty(saved.shape, dtype=saved.dtype)
-                    current = current if like else current.to(torch.device(entries[k][3]))
-                    st[key] = current
-                _local(current).copy_(saved)
-
 
 def restorable_step(snapshots: Snapshots | None, world, before: int | None = None) -> int | None:
     """The newest snapshot step every rank holds (below ``before``), None when there is none."""

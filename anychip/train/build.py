@@ -37,6 +37,7 @@ from ..models.deepseek.args import SHAPE_FREE
 from ..models.deepseek.parallelize import apply_activation_checkpointing, apply_compile
 from ..models.hf import remove_save_leftovers
 from ..parallel import World, parallelize, unwrap
+from ..pools.sync import NoPools, PoolSync, data_shard, pool_index
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
 from ..rl.policy import PolicyLoss
 from ..snapshot import Snapshots
@@ -62,6 +63,7 @@ class Trainer:
     meter: StepMeter
     preemption: Preemption
     references: ReferenceResets | None  # GRPO with a reference policy
+    pools: NoPools  # the other pools of the run (anychip.pools); NoPools: none
     schedule: TrainConfig  # the learning-rate schedule, gradient clipping and the last step
     boundary: int  # a run may stop (and resume exactly) only after a multiple of this many steps
     micro: int  # sequences per forward pass and rank; 0: the whole batch
@@ -102,12 +104,12 @@ def build(
     model = parallelize(model, world, cfg.parallel.strategy)
     optimizer = build_optimizer(model, t, device)
     state = TrainState(run_dir, device, world, model, optimizer, None, log, tokenizer, ref_model=ref)
+    pool = pool_index(cfg)  # None: a run of one pool
+    data_rank, data_ranks = data_shard(world, pool, cfg.pools.count)  # pools read one global stream
     with input_error("data", _data_spec(cfg)):
         source = build_source(cfg, "train")
         if not rl:
-            state.data = TokenBatches(
-                source, tokenizer, t.seq_len, t.global_batch, world.rank, world.world_size, t.mode
-            )
+            state.data = TokenBatches(source, tokenizer, t.seq_len, t.global_batch, data_rank, data_ranks, t.mode)
     if rl:
         fsdp = cfg.parallel.strategy == "fsdp"
         with input_error("grpo.rewards", cfg.grpo.rewards):  # imports the reward functions it names
@@ -115,18 +117,18 @@ def build(
     _log_start(cfg, state, generation)
 
     core = unwrap(model)
-    local_rows = t.global_batch // world.world_size
+    local_rows = t.global_batch // data_ranks
     micro = t.micro_batch or (0 if rl else local_rows)  # GRPO: 0 = the whole minibatch
     if not rl and local_rows % micro:
         raise ValueError(
             f"train.micro_batch = {micro} does not divide the {local_rows} sequences per rank "
-            f"(global_batch {t.global_batch} / world size {world.world_size})"
+            f"(global_batch {t.global_batch} / {data_ranks} ranks of all pools)"
         )
     amp = autocast_dtype(t.dtype, device)
     if rl:
         objective = PolicyLoss(cfg.grpo, core.args)
     else:
-        objective = NextTokenLoss(core.args, len(core.mtp), t.seq_len, t.global_batch)
+        objective = NextTokenLoss(core.args, len(core.mtp), t.seq_len, t.global_batch // cfg.pools.count)
     identity = RunIdentity(cfg.to_toml(), cfg.digest(), t.seed)
     checkpointer = state.checkpointer = Checkpointer(state, run_dir / "checkpoints", cfg.checkpoint, t.steps, identity)
     boundary = updates_per_rollout(cfg.grpo) if rl else 1  # a run may stop and resume only after multiples of it
@@ -173,6 +175,8 @@ def build(
         fields = {"rank": world.rank, "generation": generation, "step": state.step}
         append_event(run_dir, "restart_in_process", **fields, duration_s=time.monotonic() - failed_at)
     heldout.batches = heldout_batches(cfg, tokenizer, world)
+    pools = NoPools() if pool is None else PoolSync(cfg, state, pool, heartbeat)  # after the resume: its step
+    hooks.add_closer(pools.close)
     return Trainer(
         state=state,
         hooks=hooks,
@@ -183,6 +187,7 @@ def build(
         meter=StepMeter(core, device, world, amp),
         preemption=preemption,
         references=ReferenceResets(cfg.grpo.ref_reset_interval, ref, model, world, log) if rl else None,
+        pools=pools,
         schedule=t,
         boundary=boundary,
         micro=micro,

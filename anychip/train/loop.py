@@ -1,11 +1,13 @@
 """The training loop: one loop for every chip, objective and number of processes.
 
     build (anychip.train.build): device, process group, model, FSDP2/DDP, AdamW, data,
-        objective, checkpointer, guards, watchdog, chaos; resume
+        objective, checkpointer, guards, watchdog, chaos; resume; the other pools
     while step < steps:                                        hooks: before_step ...
+        pools: the quorum; a pool that comes back takes a live one's state (anychip.pools)
         gradients of the objective over the micro-batches      (anychip.train.step)
+        pools: gradients summed over them (a pool lost meanwhile: the step again)
         clip; the guards' verdict, agreed over ranks           not GO: carry it out (verdicts.py)
-        lr; optimizer step; balancing-bias update
+        lr; optimizer step (DiLoCo: the pools' exchange); balancing-bias update
         metrics, held-out loss, checkpoint, snapshot when due  ... after_step
         stop here if a preemption was asked for
     finish (anychip.train.finish): final model, held-out accuracy
@@ -122,13 +124,18 @@ def train_step(trainer: Trainer) -> bool:
     state, hooks, log = trainer.state, trainer.hooks, trainer.state.log
     model, world = state.model, state.world
     trainer.meter.start()
+    trainer.pools.join(state)  # the pools of this step; one behind the others takes their state
     step = state.step = state.step + 1
     if state.batch is None:  # a retried step keeps its batch
         state.batch = state.data.next_batch()
     hooks("before_step", state)
-    result = forward_backward(model, state.batch, trainer.objective, trainer.micro, trainer.amp, state.device, world)
+    result = forward_backward(
+        model, state.batch, trainer.objective, trainer.micro, trainer.amp, state.device, world, trainer.pools.sum
+    )
     state.figures = result.figures
     hooks("after_backward", state)
+    if not trainer.pools.exchange(state):  # a pool failed during the exchange: the step again without it
+        return False
     view = StepView(step, state.figures, clip_grad_norm(model, trainer.schedule.grad_clip), state.batch)
     hooks("before_update", state)  # guards judge the step before any weight changes
     agreement = trainer.guards.judge(view, trainer.preemption.asked) if trainer.guards.active else None
@@ -140,12 +147,14 @@ def train_step(trainer: Trainer) -> bool:
     set_lr(state.optimizer, lr)
     state.checkpointer.wait_staged()  # a checkpoint in flight has copied the weights we now change
     state.optimizer.step()
+    if trainer.pools.took_state():  # DiLoCo: this pool came back and took a live pool's state
+        return False
     state.optimizer.zero_grad(set_to_none=True)
     core = unwrap(model)
     loads = all_reduce_sum(core.expert_loads().detach().float(), world)
     core.update_balancing_bias(loads)
     state.batch = None
-    extra = agreement.metrics if agreement is not None else {}
+    extra = {**(agreement.metrics if agreement is not None else {}), **trainer.pools.metrics()}
     metrics = state.metrics = trainer.meter.measure(state.figures, result.work, lr, view.grad_norm, loads, extra)
     metrics.update(state.checkpointer.snapshot_stalls())  # since the last record
     if trainer.heldout.due(step):

@@ -2,11 +2,12 @@
 ``Objective`` interface its clients implement.
 
     counts = objective.counts(batch), summed over ranks     the normalisers of the global batch
+                                                             (and over the pools of a run of pools)
     for each micro-batch (gradients synchronised on the last only):
         part = objective(forward, micro, counts)             forward: the model under autocast
         (part.loss * world size).backward()                  DDP and FSDP average over ranks
         sums += part.sums
-    figures = objective.figures(sums summed over ranks, counts)
+    figures = objective.figures(sums summed over ranks (and pools), counts)
 
 Each micro-batch contributes loss *sums* divided by the *global* counts, so micro-batches
 and ranks add up to one big batch on one process. Clients: next-token prediction (SFT and
@@ -99,11 +100,20 @@ def rows(batch: dict, sl: slice, device=None) -> dict:
 
 
 def forward_backward(
-    model, batch: dict, objective: Objective, micro: int, amp: torch.dtype | None, device: Device, world: World
+    model,
+    batch: dict,
+    objective: Objective,
+    micro: int,
+    amp: torch.dtype | None,
+    device: Device,
+    world: World,
+    across=None,
 ) -> StepResult:
     """Accumulate in ``.grad`` the gradients of ``objective`` over ``batch`` (this rank's
-    rows of the global batch), ``micro`` rows per forward pass (0: all at once)."""
-    counts = all_reduce_sums(objective.counts(batch), world)
+    rows of the global batch), ``micro`` rows per forward pass (0: all at once). ``across``:
+    sums named numbers over the pools of a run (anychip.pools), whose gradients then add up."""
+    across = across or (lambda values: values)
+    counts = across(all_reduce_sums(objective.counts(batch), world))
     dev = unwrap(model).embed_tokens.weight.device
     forward = Forward(model, device, amp)
     n = batch["input_ids"].shape[0]
@@ -117,7 +127,7 @@ def forward_backward(
             (part.loss * world.world_size).backward()
         for key, value in part.sums.items():
             sums[key] = sums.get(key, 0.0) + value
-    sums = all_reduce_sums(sums, world)
+    sums = across(all_reduce_sums(sums, world))
     return StepResult(objective.figures(sums, counts, batch), objective.work(batch, counts))
 
 
