@@ -283,7 +283,18 @@ def _lighthouse(a: argparse.Namespace) -> int:
 
 def _goodput(a: argparse.Namespace) -> int:
     from .goodput import format_goodput, goodput
+    from .pools.timeline import format_timeline, pool_dirs, timeline
 
+    if pool_dirs(a.run_dir):  # a run of pools: its timeline, then each pool's split
+        t = timeline(a.run_dir)
+        if a.json:
+            goodputs = {p: g.__dict__ | {"goodput": g.ratio} for p, g in t.goodputs.items()}
+            print(json.dumps(t.as_dict() | {"pool_goodput": goodputs}))
+            return 0
+        print(format_timeline(t))
+        for pool, g in t.goodputs.items():
+            print(f"\n{pool}:\n{format_goodput(g)}")
+        return 0
     g = goodput(a.run_dir)
     print(json.dumps(g.__dict__ | {"goodput": g.ratio}) if a.json else format_goodput(g))
     return 0

@@ -404,8 +404,9 @@ class PoolsConfig:
     """DiLoCo: inner steps H between two exchanges between the pools."""
     outer_lr: Annotated[float, Range(gt=0)] = 0.7
     """DiLoCo: learning rate of the outer optimizer (SGD with Nesterov momentum)."""
-    outer_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
-    """DiLoCo: momentum of the outer optimizer."""
+    outer_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.5
+    """DiLoCo: momentum of the outer optimizer. The DiLoCo paper's 0.9 (with H = 500) overshoots at small H:
+    on `tiny` with H = 8 its held-out loss was 40% above per-step sync's after the same tokens, 0.5's 3-4%."""
     timeout_s: Annotated[float, Range(gt=0)] = 5.0
     """A pool silent this long is left out of the quorum: the others go on without it after at most about
     this long (the lighthouse's heartbeat timeout; the cross-pool collective's is 2 x this). The

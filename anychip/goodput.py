@@ -20,7 +20,7 @@ event, not already taken by an earlier injection, that answers its kind at or af
                      or run_end (status "error")                     hang: hang_detected
     nan: nonfinite           bitflip: replica_mismatch               slow: straggler
     sdc: audit_mismatch      corrupt_checkpoint: checkpoint_corrupt  bad_batch: spike
-    checkpoint_write: checkpoint_failed
+    checkpoint_write: checkpoint_failed                             pool_loss: crash_detected
 An injection with none is undetected. One hang is one fault: further hang_detected events of
 the same start (other ranks' watchdogs) and the crash_detected its kill causes at the next
 start are not counted; nor is the run_end of a run a guard stopped (the guard's event counts).
@@ -56,6 +56,7 @@ DETECTED_BY = {
     "checkpoint_write": ("checkpoint_failed",),
     "bad_batch": ("spike",),
     "sdc": ("audit_mismatch",),
+    "pool_loss": ("crash_detected",),  # in the lost pool's record; the others' see pool_lost (anychip.pools)
 }
 DETECTIONS = {*(e for kinds in DETECTED_BY.values() for e in kinds), "faulty_hardware"}
 REAL_KIND = {"crash_detected": "crash", "hang_detected": "hang", "run_end": "error", "worker_failed": "crash"}

@@ -6,3 +6,4 @@ PREEMPTED = "ANYCHIP_PREEMPTED"  # set once preempted: a worker started after it
 ATTEMPT = "ANYCHIP_ATTEMPT"  # starts of every worker of the job (the store's prefix; else torchrun's restart count)
 GENERATION = "ANYCHIP_GENERATION"  # the generation a worker started alone joins (its peers restart in place)
 POOL = "ANYCHIP_POOL"  # the index of the pool this job is (a run of several pools: anychip/pools)
+POOL_ATTEMPT = "ANYCHIP_POOL_ATTEMPT"  # how many times the pool was started before (0: the run's first start)

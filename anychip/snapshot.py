@@ -314,6 +314,7 @@ class Snapshots:
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
 def restorable_step(snapshots: Snapshots | None, world, before: int | None = None) -> int | None:
     """The newest snapshot step every rank holds (below ``before``), None when there is none."""
     import torch.distributed as dist

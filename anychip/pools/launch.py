@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..events import append_event
-from ..launcher_env import LAUNCHER_PID, POOL
+from ..launcher_env import LAUNCHER_PID, POOL, POOL_ATTEMPT
 
 CONFIG = "pools.toml"
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
@@ -56,6 +56,9 @@ def run_pools(cfg, run_dir: Path, resume: bool) -> int:
     address = server.address()
     env = {k: v for k, v in os.environ.items() if k != LAUNCHER_PID}
     env[LIGHTHOUSE_ENV] = address
+    if "OMP_NUM_THREADS" not in env:  # every pool's processes share this machine's cores (a value set is kept)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // (p.count * cfg.parallel.nproc)))
     print(f"anychip: {p.count} pools, lighthouse at {address} -> {run_dir}", file=sys.stderr, flush=True)
     pools = [_Pool(i, run_dir, config, env) for i in range(p.count)]
     stopping = []
@@ -69,7 +72,7 @@ def run_pools(cfg, run_dir: Path, resume: bool) -> int:
     try:
         for pool in pools:
             pool.start()
-        status = _watch(pools, p.max_restarts, stopping)
+        status = _watch(pools, p.max_restarts, stopping, 4 * p.timeout_s)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -80,9 +83,17 @@ def run_pools(cfg, run_dir: Path, resume: bool) -> int:
     return {"done": 0, "fatal": 2}.get(status, 0 if status == "preempted" else 1)
 
 
-def _watch(pools: list[_Pool], max_restarts: int, stopping: list) -> str:
+def _watch(pools: list[_Pool], max_restarts: int, stopping: list, linger_s: float) -> str:
+    """Restart pools that fail until one pool finishes the run; then the others get ``linger_s``
+    to finish too (in step with it they do at once), and are preempted after it (a pool still
+    coming back would otherwise train alone to the end): they stop with a checkpoint."""
+    finished_at = None
     while True:
         running = False
+        if finished_at is not None and time.monotonic() > finished_at + linger_s and not stopping:
+            stopping.append("finished")
+            for pool in pools:
+                pool.signal(signal.SIGTERM)
         for pool in pools:
             code = pool.poll()
             if code is None:
@@ -90,12 +101,13 @@ def _watch(pools: list[_Pool], max_restarts: int, stopping: list) -> str:
                 continue
             pool.exited(code)
             if code == 0:
+                finished_at = finished_at or time.monotonic()
                 continue
             if code == 2:  # an input error: no restart repeats it
                 for other in pools:
                     other.kill()
                 return "fatal"
-            if stopping:
+            if stopping or finished_at is not None:
                 continue
             if pool.restarts >= max_restarts:
                 for other in pools:
@@ -105,9 +117,11 @@ def _watch(pools: list[_Pool], max_restarts: int, stopping: list) -> str:
             pool.start()
             running = True
         if not running:
+            if finished_at is not None:
+                return "done"  # the run's last step is in at least one pool's final model
             if stopping:
                 return "preempted"
-            return "done" if all(pool.code == 0 for pool in pools) else "failed"
+            return "failed"
         time.sleep(0.05)
 
 
@@ -127,7 +141,7 @@ class _Pool:
         args = ["--resume", str(self.dir)] if resume else [str(self.config), "--run-dir", str(self.dir)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anychip.cli", "train", *args],
-            env=self.env,
+            env={**self.env, POOL_ATTEMPT: str(self.restarts)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a pool dies as a whole
@@ -136,7 +150,12 @@ class _Pool:
         self.code = None
         threading.Thread(target=self._echo, args=(self.proc,), daemon=True).start()
         append_event(
-            self.run_dir, "pool_started", pool=f"pool{self.index}", pid=self.proc.pid, attempt=self.restarts, resume=resume
+            self.run_dir,
+            "pool_started",
+            pool=f"pool{self.index}",
+            pid=self.proc.pid,
+            attempt=self.restarts,
+            resume=resume,
         )
 
     def _echo(self, proc: subprocess.Popen) -> None:

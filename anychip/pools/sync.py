@@ -92,11 +92,13 @@ class PoolSync(NoPools):
 
     active = True
 
-    def __init__(self, cfg, state, index: int, heartbeat=None):
+    def __init__(self, cfg, state, index: int, heartbeat=None, first_start: bool = True):
         try:
             from torchft import Manager, ProcessGroupGloo
         except ImportError as e:  # an optional dependency: anychip[pools]
-            raise ConfigError(f"pools.count = {cfg.pools.count} needs torchft: pip install 'anychip[pools]' ({e})") from None
+            raise ConfigError(
+                f"pools.count = {cfg.pools.count} needs torchft: pip install 'anychip[pools]' ({e})"
+            ) from None
         _quiet_torchft()
         p = cfg.pools
         self.cfg, self.state, self.index, self.heartbeat = p, state, index, heartbeat
@@ -107,6 +109,7 @@ class PoolSync(NoPools):
         self.bytes_sent = 0  # to the other pools, since the last metrics record
         self._took = False
         self._names = None
+        self.first_start = first_start  # the run's first start of this pool: it waits for the others
         store_addr, store_port = _pool_store(self.world)
         self._own_store = store_addr is None
         if self._own_store:  # one process and no agent: the replica group's store is ours
@@ -140,7 +143,9 @@ class PoolSync(NoPools):
             from torchft.local_sgd import DiLoCo
 
             params = [q for q in state.model.parameters() if q.requires_grad]
-            self.outer = torch.optim.SGD(params, lr=p.outer_lr, momentum=p.outer_momentum, nesterov=True)
+            self.outer = torch.optim.SGD(
+                params, lr=p.outer_lr, momentum=p.outer_momentum, nesterov=p.outer_momentum > 0
+            )
             self.diloco = DiLoCo(self.manager, [state.model], state.optimizer, self.outer, sync_every=p.sync_every)
             self._count_bytes()
             self.diloco.__enter__()
@@ -159,9 +164,11 @@ class PoolSync(NoPools):
         while True:
             self._beat(state, "quorum")
             self.manager.start_quorum()
+            self._took = False  # taken before this step: the step is this pool's like any other
             self._record_quorum(state)
-            fresh_run = state.step == 0 and self._tap.last.max_step == 0
+            fresh_run = self.first_start and state.step == 0 and self._tap.last.max_step == 0
             if not fresh_run or self.participants >= self.cfg.count or time.monotonic() > deadline:
+                self.first_start = False
                 return
             time.sleep(0.2)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import html
+import os
 from pathlib import Path
 
+from ..pools.timeline import Timeline, pool_dirs, timeline
 from . import plots
 from .run import Run, load_run
 from .summary import fault_rows, overview
@@ -29,6 +31,9 @@ NOTABLE = {
     "restart",
     "run_end",
     "rng_reseeded",
+    "pool_lost",
+    "pool_recovered",
+    "pool_step_discarded",
 }
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:64em;color:#222;padding:0 1em}
@@ -58,14 +63,64 @@ _EXPERT_LOAD_CAPTION = (
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of `run_dir` to `out` (default RUN_DIR/report.html) and return its path.
-    FileNotFoundError names a directory that holds no run."""
-    run = load_run(run_dir)
+    A run of pools gets a page of its pools (timeline, losses, goodput) linking to a report per
+    pool, written in each pool's directory. FileNotFoundError names a directory that holds no run."""
     out = Path(out) if out else Path(run_dir) / "report.html"
+    if pool_dirs(run_dir):
+        links = {d.name: write_report(d) for d in pool_dirs(run_dir) if (d / "events.jsonl").is_file()}
+        text = render_pools(timeline(run_dir), Path(run_dir), links, out)
+    else:
+        text = render(load_run(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(run))
+    tmp.write_text(text)
     tmp.replace(out)  # a browser reloading the page never sees half of it
     return out
+
+
+def render_pools(t: Timeline, run_dir: Path, links: dict[str, Path], out: Path) -> str:
+    """The page of a run of pools: which pool computed which steps, each loss of a pool."""
+    fmt = lambda v: f"{v:.1f} s" if v is not None else "never"  # noqa: E731
+    rows = []
+    for pool in t.pools:
+        g = t.goodputs.get(pool)
+        steps = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b, _, _ in t.steps[pool]) or "none"
+        rows.append([pool, steps, f"{100 * g.ratio:.1f}%" if g else "-"])
+    losses = [
+        [
+            loss["pool"],
+            f"+{loss['time'] - t.start:.1f} s",
+            fmt(loss["next_step_s"]),
+            fmt(loss["rejoin_s"]),
+            fmt(loss["without_s"]),
+        ]
+        for loss in t.losses
+    ]
+    parts = [
+        f"<h1>anychip run of pools <code>{_e(run_dir.name)}</code></h1>",
+        f"<p>{len(t.pools)} pools, wall time {t.end - t.start:.1f} s, fleet goodput {100 * t.fleet_goodput:.1f}% "
+        f"(productive time of every pool over the wall time of every pool); report written {_now()}</p>",
+        "<h2>Pools</h2>",
+        _table(["pool", "steps computed", "goodput"], rows),
+    ]
+    svg = plots.pools(t)
+    if svg is not None:
+        caption = "Each pool's steps at the wall time they finished; dotted: a pool lost, shaded: until it was back."
+        parts.append(f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>")
+    if losses:
+        parts += [
+            "<h2>Pools lost</h2>",
+            _table(["pool", "lost at", "next step of the others", "back (live state taken)", "without it"], losses),
+        ]
+    if links:
+        items = "".join(
+            f'<li><a href="{_e(os.path.relpath(path, out.parent))}">{_e(pool)}</a></li>' for pool, path in links.items()
+        )
+        parts.append(f"<h2>Each pool</h2><ul>{items}</ul>")
+    title = f"anychip report: {run_dir.name}"
+    head = f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+    head += f"<style>{_CSS}</style></head><body>\n"
+    return head + "\n".join(parts) + "\n</body></html>\n"
 
 
 def render(run: Run) -> str:

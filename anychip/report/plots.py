@@ -293,3 +293,31 @@ def timeline(run: Run) -> str | None:
     bar.grid(False)
     fig.tight_layout()
     return to_svg(fig)
+
+
+def pools(t) -> str | None:
+    """A run of pools (anychip.pools.timeline.Timeline): each pool's steps at the wall time they
+    finished, and the time each lost pool was away (shaded in its colour)."""
+    if not any(t.steps.values()):
+        return None
+    fig, ax = plt.subplots(figsize=WIDE)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, pool in enumerate(t.pools):
+        colour = palette[i % len(palette)]
+        for first, last, t0, t1 in t.steps[pool]:
+            ax.plot(
+                [t0 - t.start, t1 - t.start],
+                [first, last],
+                color=colour,
+                lw=2,
+                label=pool if first == t.steps[pool][0][0] else None,
+            )
+        for loss in t.losses:
+            if loss["pool"] == pool:
+                x0 = loss["time"] - t.start
+                ax.axvspan(x0, x0 + loss["without_s"], color=colour, alpha=0.15)
+                ax.axvline(x0, color=COLORS["fault"], ls=":", lw=1)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("step")
+    ax.legend(loc="upper left", frameon=False)
+    return to_svg(fig)

@@ -32,6 +32,7 @@ from ..eval import HeldoutLoss
 from ..export import load_init
 from ..guards.heartbeat import Heartbeat
 from ..guards.setup import Guards, build_guards
+from ..launcher_env import POOL_ATTEMPT
 from ..models import DeepSeekV3, count_parameters
 from ..models.deepseek.args import SHAPE_FREE
 from ..models.deepseek.parallelize import apply_activation_checkpointing, apply_compile
@@ -175,7 +176,9 @@ def build(
         fields = {"rank": world.rank, "generation": generation, "step": state.step}
         append_event(run_dir, "restart_in_process", **fields, duration_s=time.monotonic() - failed_at)
     heldout.batches = heldout_batches(cfg, tokenizer, world)
-    pools = NoPools() if pool is None else PoolSync(cfg, state, pool, heartbeat)  # after the resume: its step
+    first = generation == 0 and not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    first = first and not int(os.environ.get(POOL_ATTEMPT, "0"))  # a pool's first start waits for the others
+    pools = NoPools() if pool is None else PoolSync(cfg, state, pool, heartbeat, first)  # after the resume: its step
     hooks.add_closer(pools.close)
     return Trainer(
         state=state,
