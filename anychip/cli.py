@@ -309,11 +309,15 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _status(a: argparse.Namespace) -> int:
+    from .pools.timeline import pool_dirs
     from .report.run import load_run
     from .report.status import print_status
 
-    run = load_run(a.run_dir)
-    print_status(run, as_json=a.json)
+    pools = pool_dirs(a.run_dir)
+    for pool in pools or [a.run_dir]:  # a run of pools: each pool's summary
+        if pools and not a.json:
+            print(f"{pool.name}:")
+        print_status(load_run(pool), as_json=a.json)
     return 0
 
 

@@ -4,8 +4,9 @@ N steps (`--chaos pool_loss@N:1,pool_loss@2N:0,...`, the pools in turn); all in 
 
     python bench/pools.py [--steps 120] [--every 30] [--batch 8] [--seq 64] [--timeout 5]
 
-Printed: tokens/s of the whole run (global tokens over the wall time from the first to the
-last step) and its ratio to the one job; per loss, the time from the pool's death (its
+Printed: tokens/s of the whole run (tokens trained by every pool over the wall time from the
+first to the last step; a step without a pool trains the others' shares only) and its ratio
+to the one job; per loss, the time from the pool's death (its
 launcher's record) to the next step of the other pool, and to the lost pool's return (the
 live pool's state taken); the time without a pool; the fleet's goodput (`anychip goodput`).
 Targets: the surviving pool's next step within 15 s of a loss, the lost pool back within 30 s.
@@ -39,12 +40,14 @@ def train(run_dir: Path, sets: list[str], *args: str) -> float:
 
 
 def tokens_per_s(metrics_dirs: list[Path], tokens_per_step: int) -> float:
-    """Global tokens of the distinct steps over the wall time from the first step's start to the last's end."""
-    metrics = [m for d in metrics_dirs for m in read_jsonl(d / "metrics.jsonl")]
-    steps = {m["step"] for m in metrics}
-    start = min(m["time"] - m["step_time"] for m in metrics)
-    end = max(m["time"] for m in metrics)
-    return len(steps) * tokens_per_step / (end - start)
+    """Tokens trained over the wall time from the first step's start to the last's end: each
+    directory's (a pool's, or the job's) distinct steps, each of ``tokens_per_step`` (its share
+    of the global batch: while a pool is lost, a step trains the other pools' shares only)."""
+    metrics = {d: read_jsonl(d / "metrics.jsonl") for d in metrics_dirs}
+    steps = sum(len({m["step"] for m in ms}) for ms in metrics.values())
+    start = min(m["time"] - m["step_time"] for ms in metrics.values() for m in ms)
+    end = max(m["time"] for ms in metrics.values() for m in ms)
+    return steps * tokens_per_step / (end - start)
 
 
 def main() -> None:
@@ -75,9 +78,9 @@ def main() -> None:
         wall_job = train(tmp / "job", [*common, "parallel.strategy=ddp"], "--nproc", "2")
         job = tokens_per_s([tmp / "job"], tokens)
         wall_pools = train(tmp / "pools", common, "--pools", "2")
-        clean = tokens_per_s([tmp / "pools" / f"pool{i}" for i in range(2)], tokens)
+        clean = tokens_per_s([tmp / "pools" / f"pool{i}" for i in range(2)], tokens // 2)
         wall_lossy = train(tmp / "lossy", common, "--pools", "2", "--chaos", ",".join(losses))
-        lossy = tokens_per_s([tmp / "lossy" / f"pool{i}" for i in range(2)], tokens)
+        lossy = tokens_per_s([tmp / "lossy" / f"pool{i}" for i in range(2)], tokens // 2)
         t = timeline(tmp / "lossy")
         clean_t = timeline(tmp / "pools")
     print(

@@ -1,6 +1,7 @@
 """Pools (anychip/pools): runs of two pools of one process each, a lighthouse, gloo, on CPU."""
 
 import json
+import platform
 import random
 import statistics
 import subprocess
@@ -12,7 +13,12 @@ from conftest import CLI_ENV, DEBUG_RUN
 from safetensors.torch import load_file
 
 from anychip.config import load_config
+from anychip.pools.timeline import timeline
+from anychip.report.page import write_report
 from anychip.train.loop import train
+
+if platform.machine() != "x86_64" or sys.platform != "linux":  # where `make setup` installs torchft
+    pytest.skip("torchft 0.2.0 has wheels for Linux x86-64 only", allow_module_level=True)
 
 STEPS = 12
 RUN = [*DEBUG_RUN, f"train.steps={STEPS}", "train.global_batch=4", "checkpoint.interval=4", "eval.interval=0"]
@@ -100,6 +106,14 @@ def test_a_lost_pool_leaves_the_other_training_and_takes_a_live_pools_state_when
     # and the two pools end with the same model, bit for bit
     fa, fb = (load_file(p / "final" / "model.safetensors") for p in (a, b))
     assert all(torch.equal(fa[k], fb[k]) for k in fa), why
+    # the timeline that `anychip goodput` and `anychip report` show
+    t = timeline(run)
+    (loss,) = t.losses
+    assert loss["pool"] == "pool1" and loss["next_step_s"] == pytest.approx(after - death, abs=0.1), why
+    assert loss["rejoin_s"] == pytest.approx(recovered["time"] - loss["time"], abs=1e-6), why
+    assert [(r[0], r[1]) for r in t.steps["pool1"]] == [(1, lost_at - 1), (recovered["step"] + 1, steps_n)], why
+    page = write_report(run).read_text()
+    assert "pool1" in page and "Pools lost" in page and (b / "report.html").is_file()
 
 
 def test_diloco_sends_an_eighth_of_the_bytes_and_reaches_the_held_out_loss_of_per_step_sync(tmp_path):

@@ -149,6 +149,7 @@ class PoolSync(NoPools):
             self.diloco = DiLoCo(self.manager, [state.model], state.optimizer, self.outer, sync_every=p.sync_every)
             self._count_bytes()
             self.diloco.__enter__()
+            self._before_sync = state.optimizer.register_step_pre_hook(self._syncing)
             self._after_sync = state.optimizer.register_step_post_hook(self._synced)
             self._synced_step = self.manager.current_step()
 
@@ -236,6 +237,7 @@ class PoolSync(NoPools):
 
     def close(self) -> None:
         if self.diloco is not None:
+            self._before_sync.remove()
             self._after_sync.remove()
             self.diloco.__exit__(None, None, None)
         with contextlib.suppress(Exception):
@@ -323,6 +325,13 @@ class PoolSync(NoPools):
             return allreduce(tensor, *args, **kwargs)
 
         self.manager.allreduce = counted
+
+    def _syncing(self, optimizer, args, kwargs) -> None:
+        """DiLoCo: before a step that ends with the exchange, the watchdog is told to wait for the
+        slowest pool's H steps (pools go at their own speed between exchanges)."""
+        if self.heartbeat is not None and self.diloco._local_step + 1 >= self.diloco._sync_every:
+            wait = self.manager._quorum_timeout.total_seconds() + self.heartbeat.cfg.watchdog_grace_s
+            self.heartbeat.beat(self.state.step, "exchange", wait)
 
     def _synced(self, optimizer, args, kwargs) -> None:
         """After DiLoCo's exchange (its hook runs first): the quorum's record, and the balancing
