@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..events import append_event
+from ..events import append_event, read_jsonl
 from ..launcher_env import LAUNCHER_PID, POOL, POOL_ATTEMPT
 
 CONFIG = "pools.toml"
@@ -72,7 +72,7 @@ def run_pools(cfg, run_dir: Path, resume: bool) -> int:
     try:
         for pool in pools:
             pool.start()
-        status = _watch(pools, p.max_restarts, stopping, 4 * p.timeout_s)
+        status = _watch(pools, p.max_restarts, stopping, 4 * p.timeout_s, cfg.train.steps)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -83,10 +83,10 @@ def run_pools(cfg, run_dir: Path, resume: bool) -> int:
     return {"done": 0, "fatal": 2}.get(status, 0 if status == "preempted" else 1)
 
 
-def _watch(pools: list[_Pool], max_restarts: int, stopping: list, linger_s: float) -> str:
-    """Restart pools that fail until one pool finishes the run; then the others get ``linger_s``
-    to finish too (in step with it they do at once), and are preempted after it (a pool still
-    coming back would otherwise train alone to the end): they stop with a checkpoint."""
+def _watch(pools: list[_Pool], max_restarts: int, stopping: list, linger_s: float, steps: int) -> str:
+    """Restart pools that fail until one pool finishes the run. Then a pool still short of the last
+    step (one coming back, which would train alone to the end) is preempted at once: it stops with
+    a checkpoint; the others (in step with it, finishing too) get ``linger_s``, then are preempted."""
     finished_at = None
     while True:
         running = False
@@ -101,7 +101,11 @@ def _watch(pools: list[_Pool], max_restarts: int, stopping: list, linger_s: floa
                 continue
             pool.exited(code)
             if code == 0:
-                finished_at = finished_at or time.monotonic()
+                if finished_at is None:
+                    finished_at = time.monotonic()
+                    for other in pools:
+                        if other.last_step() < steps:
+                            other.signal(signal.SIGTERM)
                 continue
             if code == 2:  # an input error: no restart repeats it
                 for other in pools:
@@ -162,6 +166,11 @@ class _Pool:
         for line in proc.stdout:
             sys.stderr.write(f"[pool{self.index}] {line.decode(errors='replace')}")
         sys.stderr.flush()
+
+    def last_step(self) -> int:
+        """The newest step in the pool's metrics (0 before any)."""
+        records = read_jsonl(self.dir / "metrics.jsonl")
+        return records[-1]["step"] if records else 0
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

@@ -32,6 +32,7 @@ def pool_dirs(run_dir: Path) -> list[Path]:
 class Timeline:
     pools: list[str]
     steps: dict[str, list[tuple[int, int, float, float]]]  # pool -> runs of steps: (first, last, t0, t1)
+    points: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # pool -> (step, time) of each record
     losses: list[dict] = field(default_factory=list)
     goodputs: dict[str, Goodput] = field(default_factory=dict)
     start: float = 0.0
@@ -69,6 +70,7 @@ def timeline(run_dir: str | Path) -> Timeline:
     metrics = {d.name: read_jsonl(d / "metrics.jsonl") for d in dirs}
     events = {d.name: read_jsonl(d / "events.jsonl") for d in dirs}
     t = Timeline(names, {name: _runs(metrics[name]) for name in names})
+    t.points = {name: [(m["step"], m["time"]) for m in metrics[name]] for name in names}
     times = [e["time"] for e in launcher] + [m["time"] for ms in metrics.values() for m in ms]
     t.start, t.end = (min(times), max(times)) if times else (0.0, 0.0)
     for e in launcher:

@@ -304,14 +304,14 @@ def pools(t) -> str | None:
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, pool in enumerate(t.pools):
         colour = palette[i % len(palette)]
-        for first, last, t0, t1 in t.steps[pool]:
-            ax.plot(
-                [t0 - t.start, t1 - t.start],
-                [first, last],
-                color=colour,
-                lw=2,
-                label=pool if first == t.steps[pool][0][0] else None,
-            )
+        runs: list[list[tuple[float, int]]] = []  # one line per run of consecutive steps, in record order
+        for step, time in t.points.get(pool, []):
+            if not runs or step != runs[-1][-1][1] + 1:
+                runs.append([])
+            runs[-1].append((time - t.start, step))
+        for n, run in enumerate(runs):
+            xs, ys = zip(*run)
+            ax.plot(xs, ys, color=colour, lw=1.5, marker=".", ms=3, label=pool if n == 0 else None)
         for loss in t.losses:
             if loss["pool"] == pool:
                 x0 = loss["time"] - t.start
