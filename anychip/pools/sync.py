@@ -189,8 +189,11 @@ class PoolSync(NoPools):
             return True
         self._beat(state, "exchange")
         core = unwrap(state.model)
-        grads = [q.grad for q in state.model.parameters() if q.grad is not None]
-        locals_ = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        params = [q for q in state.model.parameters() if q.requires_grad]
+        for q in params:  # the same tensors in every pool, whatever this pool's batch reached
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        locals_ = [q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad for q in params]
         loads = core.expert_loads().detach().float()
         flat = torch.cat([*(g.detach().reshape(-1).float().cpu() for g in locals_), loads.reshape(-1).cpu()])
         self._allreduce(flat)

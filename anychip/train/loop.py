@@ -143,16 +143,14 @@ def train_step(trainer: Trainer) -> bool:
         carry_out(state, agreement, trainer.guards, hooks)
         return False
     check_finite(view, log)
-    lr = lr_at(step, trainer.schedule)
-    set_lr(state.optimizer, lr)
+    set_lr(state.optimizer, lr := lr_at(step, trainer.schedule))
     state.checkpointer.wait_staged()  # a checkpoint in flight has copied the weights we now change
     state.optimizer.step()
     if trainer.pools.took_state():  # DiLoCo: this pool came back and took a live pool's state
         return False
     state.optimizer.zero_grad(set_to_none=True)
-    core = unwrap(model)
-    loads = all_reduce_sum(core.expert_loads().detach().float(), world)
-    core.update_balancing_bias(loads)
+    loads = all_reduce_sum(unwrap(model).expert_loads().detach().float(), world)
+    unwrap(model).update_balancing_bias(loads)
     state.batch = None
     extra = {**(agreement.metrics if agreement is not None else {}), **trainer.pools.metrics()}
     metrics = state.metrics = trainer.meter.measure(state.figures, result.work, lr, view.grad_norm, loads, extra)
