@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def train(run_dir: Path, sets: list[str]) -> float:
-    cmd = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir)]
+def train(run_dir: Path, sets: list[str], *args: str) -> float:
+    """`anychip train` to the end (exits with its output when it fails); returns its wall time."""
+    cmd = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir), *args]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()

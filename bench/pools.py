@@ -16,27 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from chaos_soak import train  # noqa: E402  (bench/ is on the path of a script run from it)
+
 from anychip.events import read_jsonl  # noqa: E402
 from anychip.pools.timeline import timeline  # noqa: E402
-
-
-def train(run_dir: Path, sets: list[str], *args: str) -> float:
-    cmd = [sys.executable, "-m", "anychip.cli", "train", "--run-dir", str(run_dir), *args]
-    for s in sets:
-        cmd += ["--set", s]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"{run_dir.name} failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return time.perf_counter() - t0
 
 
 def tokens_per_s(metrics_dirs: list[Path], tokens_per_step: int) -> float:

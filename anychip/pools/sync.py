@@ -66,7 +66,6 @@ class NoPools:
     """A run of one pool: nothing to join, average or exchange."""
 
     active = False
-    participants = 1
 
     def join(self, state) -> None:
         pass
@@ -101,7 +100,7 @@ class PoolSync(NoPools):
             ) from None
         _quiet_torchft()
         p = cfg.pools
-        self.cfg, self.state, self.index, self.heartbeat = p, state, index, heartbeat
+        self.cfg, self.state, self.heartbeat = p, state, heartbeat
         self.name = f"pool{index}"
         self.world = state.world
         self.participants = 0
@@ -111,8 +110,7 @@ class PoolSync(NoPools):
         self._names = None
         self.first_start = first_start  # the run's first start of this pool: it waits for the others
         store_addr, store_port = _pool_store(self.world)
-        self._own_store = store_addr is None
-        if self._own_store:  # one process and no agent: the replica group's store is ours
+        if store_addr is None:  # one process and no agent: the replica group's store is ours
             from torch.distributed import TCPStore
 
             self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
