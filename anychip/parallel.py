@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -195,21 +196,34 @@ def abort_world(world: World) -> None:
             s.detach()
 
 
-def parallelize(model: nn.Module, world: World, strategy: str) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    world: World,
+    strategy: str,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Wrap ``model`` for data parallelism over ``world``; unchanged on one process.
 
     fsdp: FSDP2 ``fully_shard`` on every transformer block and MTP module, then the root
     (parameters, gradients and optimizer state sharded over ranks); with
     ``dp_replicate`` > 1 over a 2-D mesh (HSDP). With ``ep`` > 1 the routed experts are
     first sharded over the EP ranks (``expert_parallel.py``) and each MoE layer's experts
-    are their own FSDP unit over the ranks that hold the same experts.
+    are their own FSDP unit over the ranks that hold the same experts. ``param_dtype``
+    (the autocast dtype; None: float32): the dtype parameters are all-gathered in and
+    computed with, the sharded master weights staying float32; gradients are
+    reduce-scattered in ``reduce_dtype``. A model on the meta device stays there: only the
+    shards exist once it is materialised (``to_empty``), never the whole tensors.
     ddp: DistributedDataParallel (replicated parameters, all-reduced gradients).
     """
     if not world.distributed:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # inputs are not cast: the residual stream stays float32 between the blocks
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+        fully_shard = functools.partial(fully_shard, mp_policy=mp)
         if world.layout.ep > 1:
             from .models.deepseek.expert_parallel import apply_expert_parallel
 

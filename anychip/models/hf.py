@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from .deepseek.args import ModelArgs, YarnScaling
+from .deepseek.init import shard_rows
 from .deepseek.model import DeepSeekV3
 from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
 
@@ -248,9 +249,11 @@ def load_hf(
 ) -> DeepSeekV3:
     """Build a DeepSeekV3 from a Hugging Face directory (``config.json`` + safetensors).
 
-    The model is created on the meta device and each tensor is read once into its
-    final place, so peak memory is one copy of the weights. ``overrides`` replace
-    ModelArgs fields that do not change shapes (e.g. ``mtp_loss_weight``).
+    The model is created on the meta device, then materialised on ``device`` and each
+    tensor read once into its final place (``fill_from_hf``), so peak memory is one copy of
+    the weights. ``overrides`` replace ModelArgs fields that do not change shapes (e.g.
+    ``mtp_loss_weight``). ``dtype``: of every tensor but the router weights and balancing
+    biases (float32).
 
     ``mtp`` says what becomes of the multi-token-prediction modules that config.json
     declares (``num_nextn_predict_layers``):
@@ -265,41 +268,67 @@ def load_hf(
     The returned model's ``mtp_initialized`` is True when its MTP modules were initialised
     rather than loaded (the training loop records it), else False.
 
-    Every slot of every anychip tensor (each expert of a stacked tensor, each half of a
-    fused gate/up matrix) must be given exactly once. Raises ConfigError for a bad config,
-    ValueError for an unknown ``mtp``, and CheckpointError naming the file and tensor for
-    a missing, unreadable, misshapen, duplicated or non-finite tensor, or for MTP modules
-    only partly present.
+    Raises what ``hf_model_args`` and ``fill_from_hf`` raise.
     """
-    if mtp not in MTP_MODES:
-        raise ValueError(f"mtp={mtp!r}; expected one of {MTP_MODES}")
-    path = Path(path)
-    declared = read_hf_config(path)
-    args = declared.replace(num_nextn_predict_layers=0) if mtp == "drop" else declared
-    if overrides:
-        args = args.replace(**overrides)
+    args = hf_model_args(path, mtp, **overrides)
     with torch.device("meta"):
         model = DeepSeekV3(args)
-    state = model.state_dict()
+    if dtype != torch.float32:
+        model.to(dtype)
+        for m in model.moe_layers():
+            m.gate.float()
+    model.to_empty(device=device)
+    if args.tie_word_embeddings:  # to_empty gives each name a tensor of its own
+        model.lm_head.weight = model.embed_tokens.weight
+    model.mtp_initialized = fill_from_hf(model, path, mtp)
+    return model
+
+
+def hf_model_args(path: str | os.PathLike, mtp: str = "auto", **overrides) -> ModelArgs:
+    """The ModelArgs of the model ``load_hf(path, mtp=mtp, **overrides)`` builds. Raises
+    ConfigError for a bad config.json, ValueError for an unknown ``mtp``."""
+    if mtp not in MTP_MODES:
+        raise ValueError(f"mtp={mtp!r}; expected one of {MTP_MODES}")
+    declared = read_hf_config(path)
+    args = declared.replace(num_nextn_predict_layers=0) if mtp == "drop" else declared
+    return args.replace(**overrides) if overrides else args
+
+
+READ_BYTES_PER_OPEN = 256 << 20  # a safetensors file is mapped whole: remapped after this many bytes read
+
+
+@torch.no_grad()
+def fill_from_hf(model: DeepSeekV3, path: str | os.PathLike, mtp: str = "auto") -> bool:
+    """Copy the weights of the Hugging Face directory ``path`` into ``model``, which is
+    materialised and built with ``hf_model_args(path, mtp)``: whole, or sharded along
+    dimension 0 (FSDP2, expert parallelism), in which case this rank reads only the rows of
+    its own shards (safetensors slices) and never holds a whole tensor it does not own.
+    Returns True when the MTP modules were initialised afresh instead (see ``load_hf``).
+
+    Every slot of every anychip tensor (each expert of a stacked tensor, each half of a
+    fused gate/up matrix) must be given exactly once. Raises CheckpointError naming the file
+    and tensor for a missing, unreadable, misshapen, duplicated or non-finite tensor (a
+    non-finite value only where this rank reads it), or for MTP modules only partly present.
+    """
+    path = Path(path)
+    declared = read_hf_config(path)
+    args = model.args
+    targets = model.state_dict(keep_vars=True)
     if args.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    fp32_names = {n for n in state if n.endswith(("e_score_correction_bias", "mlp.gate.weight"))}
-    targets = {
-        n: torch.empty(t.shape, dtype=torch.float32 if n in fp32_names else dtype, device=device)
-        for n, t in state.items()
-    }
-    expected = {hf_to_slot(args, key): key for key, _ in to_hf(args, state)}  # every slot, with its HF name
+        targets.pop("lm_head.weight", None)
+    shapes = {n: torch.empty(t.shape, device="meta") for n, t in targets.items()}
+    expected = {hf_to_slot(args, key): key for key, _ in to_hf(args, shapes)}  # every slot, with its HF name
+    shards = {n: (*shard_rows(t), tuple(t.shape)) for n, t in targets.items()}  # (local, first row, full shape)
     filled: dict[Slot, Path] = {}
     mtp_tensors = 0
     for file in _weight_files(path):
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    if _is_mtp(declared, key):
-                        mtp_tensors += 1
-                        if mtp == "drop":
-                            continue
-                    _load_tensor(args, f, key, file, targets, expected, filled)
+            for f, key in _keys_remapped(file):
+                if _is_mtp(declared, key):
+                    mtp_tensors += 1
+                    if mtp == "drop":
+                        continue
+                _load_tensor(args, f, key, file, shards, expected, filled)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
     fresh_mtp = mtp == "auto" and args.num_nextn_predict_layers > 0 and mtp_tensors == 0
@@ -314,14 +343,36 @@ def load_hf(
             "Pass mtp='drop' to build the model without them.",
             stacklevel=2,
         )
-    model.load_state_dict(targets, strict=not args.tie_word_embeddings, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     model.materialize_counters()
-    if fresh_mtp:  # their tensors were left as torch.empty above
+    if fresh_mtp:  # their tensors were left as they were materialised
         model.init_weights(seed=0, prefix="mtp.")
-    model.mtp_initialized = fresh_mtp
-    return model
+    return fresh_mtp
+
+
+def _keys_remapped(file: Path):
+    """(open file, key) for every tensor of ``file``, the file opened anew after every
+    READ_BYTES_PER_OPEN bytes: the pages of a mapping stay resident until it is closed."""
+    with safe_open(file, framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+    done = 0
+    while done < len(keys):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            read = 0
+            while done < len(keys) and read < READ_BYTES_PER_OPEN:
+                yield f, keys[done]
+                read += _tensor_bytes(f, keys[done])
+                done += 1
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _tensor_bytes(f, key: str) -> int:
+    sl = f.get_slice(key)
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    return n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
 
 
 def _is_mtp(args: ModelArgs, key: str) -> bool:
@@ -339,7 +390,9 @@ def _describe(slot: Slot) -> str:
     return where
 
 
-def _load_tensor(args, f, key: str, file: Path, targets: dict, expected: dict, filled: dict) -> None:
+def _load_tensor(args, f, key: str, file: Path, shards: dict, expected: dict, filled: dict) -> None:
+    """Copy this rank's rows of HF tensor ``key`` into its slot; checks the whole tensor's
+    shape (from the file's header) on every rank, reads only the rows this rank holds."""
     try:
         slot = hf_to_slot(args, key)
     except KeyError:
@@ -350,14 +403,31 @@ def _load_tensor(args, f, key: str, file: Path, targets: dict, expected: dict, f
         raise CheckpointError(f"{file}: tensor {key!r} ({_describe(slot)}) does not belong to this config")
     if slot in filled:
         raise CheckpointError(f"{file}: tensor {key!r} is given more than once (also in {filled[slot]})")
-    dest = slot.view(targets[slot.name])
-    src = f.get_tensor(key)
-    if tuple(src.shape) != tuple(dest.shape):
-        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(src.shape)}; expected {tuple(dest.shape)}")
+    local, start, full = shards[slot.name]
+    stop = start + local.shape[0]
+    want = tuple(full[1:]) if slot.expert is not None else tuple(full)
+    if slot.half is not None:
+        want = (want[0] // 2, *want[1:])
+    sl = f.get_slice(key)
+    if tuple(sl.get_shape()) != want:
+        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(sl.get_shape())}; expected {want}")
+    filled[slot] = file
+    if slot.expert is not None:  # one expert of a stacked tensor: whole, if this rank holds it
+        if not start <= slot.expert < stop:
+            return
+        dest, src_rows = local[slot.expert - start], (0, want[0])
+        if slot.half is not None:
+            dest = dest.chunk(2, dim=0)[slot.half]
+    else:  # rows [first, first + len) of the anychip tensor come from this HF tensor
+        first = slot.half * want[0] if slot.half is not None else 0
+        lo, hi = max(start, first), min(stop, first + want[0])
+        if lo >= hi:
+            return
+        dest, src_rows = local[lo - start : hi - start], (lo - first, hi - first)
+    src = sl[src_rows[0] : src_rows[1]] if len(want) else f.get_tensor(key)
     if src.is_floating_point() and not torch.isfinite(src).all():
         raise CheckpointError(f"{file}: tensor {key!r} holds NaN or Inf values")
-    dest.copy_(src)
-    filled[slot] = file
+    dest.copy_(src.view(dest.shape))
 
 
 # what save_hf and export write, and what transformers' save_pretrained writes beside them
