@@ -232,6 +232,11 @@ class ParallelConfig:
     ep: Annotated[int, Range(gt=0)] = 1
     """Expert parallelism: routed experts split over this many ranks of the shard dimension, tokens sent
     to them by all-to-all; divides dp_shard and the routed experts (fsdp only)."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """fsdp: dtype of the gradients' reduce-scatter (and HSDP's all-reduce). Under train.dtype =
+    bfloat16/float16 FSDP2 all-gathers the parameters in that dtype for compute and keeps float32
+    master weights and optimizer state; the gradients are reduced in float32 unless this says
+    bfloat16 (half the bytes on the wire, the sum rounded to 8 bits of mantissa)."""
     restart_in_process: bool = True
     """After an exception in a worker whose process is still healthy, every rank tears down its process
     group and re-enters training in the same process (a new group, state from the newest snapshot),

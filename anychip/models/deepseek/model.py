@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs, YarnScaling
+from .init import init_parameters
 
 
 class RMSNorm(nn.Module):
@@ -544,20 +545,9 @@ class DeepSeekV3(nn.Module):
     def init_weights(self, seed: int | None = None, prefix: str = "") -> None:
         """Normal(0, initializer_range) matrices, unit norms, zero biases and balancing bias;
         only of the parameters and MoE layers whose names start with ``prefix`` (e.g. "mtp."
-        for MTP modules a checkpoint lacks)."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-        std = self.args.initializer_range
-        for name, p in self.named_parameters():
-            if not name.startswith(prefix):
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p))
+        for MTP modules a checkpoint lacks). Sharded parameters (FSDP2, expert parallelism)
+        get their shards of the values one process would hold (``init.py``)."""
+        init_parameters(self, seed, self.args.initializer_range, prefix)
         self.reset_buffers(prefix)
 
     @torch.no_grad()
