@@ -258,6 +258,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@torch.no_grad()
+def copy_shards(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy every parameter and buffer of ``src`` into ``dst``, laid out alike, shard by
+    shard (no gathering). Raises ValueError when their names differ."""
+    for (a, p), (b, q) in zip(
+        [*src.named_parameters(), *src.named_buffers()], [*dst.named_parameters(), *dst.named_buffers()], strict=True
+    ):
+        if a != b:
+            raise ValueError(f"copy_shards: {a!r} and {b!r} are not the same tensor of two alike models")
+        local = q.to_local() if hasattr(q, "to_local") else q
+        local.copy_(p.to_local() if hasattr(p, "to_local") else p)
+
+
 def full_state_dict(model: nn.Module, world: World) -> dict:
     """The model's full (unsharded) state dict on every rank, without a DDP "module." prefix."""
     if not world.distributed:

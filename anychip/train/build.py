@@ -1,8 +1,10 @@
 """Everything a run needs before its first step, in this order (the order fixes the random
 numbers, so it is part of the run's trajectory):
 
-    seed -> tokenizer -> model (random init or model.init_from) -> [GRPO: freeze MTP, reference]
-    -> activation checkpointing -> compile -> FSDP2/DDP -> AdamW -> data (token batches, or GRPO rollouts) -> run_start event
+    seed -> tokenizer -> model on the meta device -> [GRPO: freeze MTP]
+    -> activation checkpointing -> compile -> FSDP2/DDP -> this rank's shards materialised
+       (random init or model.init_from; before the layout under DDP and on one process)
+    -> [GRPO: the reference, sharded like the policy] -> AdamW -> data (token batches, or GRPO rollouts) -> run_start event
     -> objective -> checkpointer -> guards and the hang watchdog -> chaos
     -> resume from the newest checkpoint -> held-out loss batches
 
@@ -29,12 +31,10 @@ from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_t
 from ..device import Device
 from ..errors import CheckpointError, ConfigError
 from ..eval import HeldoutLoss
-from ..export import load_init
 from ..guards.heartbeat import Heartbeat
 from ..guards.setup import Guards, build_guards
 from ..launcher_env import POOL_ATTEMPT
 from ..models import DeepSeekV3, count_parameters
-from ..models.deepseek.args import SHAPE_FREE
 from ..models.deepseek.parallelize import apply_activation_checkpointing, apply_compile
 from ..models.hf import remove_save_leftovers
 from ..parallel import World, parallelize, unwrap
@@ -48,6 +48,7 @@ from .metrics import StepMeter
 from .optim import build_optimizer
 from .preempt import Preemption
 from .runlog import RunLog, append_event, read_jsonl
+from .shards import materialize, model_source, sharded_reference
 from .step import Objective, autocast_dtype
 
 
@@ -92,17 +93,30 @@ def build(
     device.manual_seed(t.seed)
     with input_error("data.tokenizer", cfg.data.tokenizer):
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg, tokenizer.vocab_size, device, world)
+    with input_error("model.init_from", cfg.model.init_from):
+        args, source = model_source(cfg, tokenizer.vocab_size)
+    with torch.device("meta"):  # no memory: only this rank's shards are ever materialised
+        model = DeepSeekV3(args)
     model.train()
     rl = t.mode == "grpo"
-    ref = None
     if rl:
         prepare_policy(model)
-        ref = make_reference(model) if cfg.grpo.beta else None
+    amp = autocast_dtype(t.dtype, device)
+    reduce_dtype = getattr(torch, cfg.parallel.reduce_dtype)
+    sharded = world.distributed and cfg.parallel.strategy == "fsdp"
+    ref = None
+    if not sharded:  # whole on every rank anyway; DDP broadcasts the weights when it wraps
+        with input_error("model.init_from", cfg.model.init_from):
+            materialize(model, source, t.seed, device, world)
+        ref = make_reference(model) if rl and cfg.grpo.beta else None
     # the layout, outside the model and in this order: activation checkpointing, compile, data parallelism
     apply_activation_checkpointing(model, t.activation_checkpoint)
     apply_compile(model, t.compile, expert_parallel=cfg.parallel.ep > 1)
-    model = parallelize(model, world, cfg.parallel.strategy)
+    model = parallelize(model, world, cfg.parallel.strategy, amp, reduce_dtype)
+    if sharded:
+        with input_error("model.init_from", cfg.model.init_from):
+            materialize(model, source, t.seed, device, world)
+        ref = sharded_reference(model, world, amp, reduce_dtype) if rl and cfg.grpo.beta else None
     optimizer = build_optimizer(model, t, device)
     state = TrainState(run_dir, device, world, model, optimizer, None, log, tokenizer, ref_model=ref)
     pool = pool_index(cfg)  # None: a run of one pool
@@ -125,7 +139,6 @@ def build(
             f"train.micro_batch = {micro} does not divide the {local_rows} sequences per rank "
             f"(global_batch {t.global_batch} / {data_ranks} ranks of all pools)"
         )
-    amp = autocast_dtype(t.dtype, device)
     if rl:
         objective = PolicyLoss(cfg.grpo, core.args)
     else:
@@ -227,28 +240,6 @@ def heldout_batches(cfg: Config, tokenizer, world: World) -> list[dict]:
     return [data.next_batch() for _ in range(cfg.eval.loss_batches)]
 
 
-def build_model(cfg: Config, vocab_size: int, device: Device, world: World) -> DeepSeekV3:
-    """Random init (identical on every rank) or the model ``init_from`` names: a Hugging Face
-    directory, a run (its final model, else its newest checkpoint) or a checkpoint."""
-    if cfg.model.init_from:
-        with input_error("model.init_from", cfg.model.init_from):
-            shape_free = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FREE}
-            # the config refused shape fields that differ from the model's own
-            model = load_init(cfg.model.init_from, device=device.torch_device(world.local_rank), **shape_free)
-        if model.args.vocab_size < vocab_size:
-            raise ValueError(
-                f"model.init_from {cfg.model.init_from}: vocab_size {model.args.vocab_size} < tokenizer's "
-                f"{vocab_size} tokens"
-            )
-        return model
-    args = cfg.model_args(vocab_size)
-    with torch.device("meta"):
-        model = DeepSeekV3(args)
-    model.to_empty(device=device.torch_device(world.local_rank))
-    model.init_weights(seed=cfg.train.seed)
-    return model
-
-
 @contextlib.contextmanager
 def input_error(key: str, value):
     """Errors that are the input's fault (a tokenizer file of garbage, an empty corpus, task
@@ -294,6 +285,8 @@ def _log_start(cfg: Config, state: TrainState, generation: int = 0) -> None:
         python=platform.python_version(),
         parameters=total,
         activated=active,
+        **precision(cfg, device, world),
+        **build_memory(device),
         restart=restart,
         generation=generation,
         pid=os.getpid(),
@@ -316,6 +309,30 @@ def _log_start(cfg: Config, state: TrainState, generation: int = 0) -> None:
         f"{cfg.train.mode} on {cfg.data.source}:{where}"
         f" -> {escape(str(run_dir))}"
     )
+
+
+def precision(cfg: Config, device: Device, world: World) -> dict[str, str]:
+    """The dtypes in force: of the matrix multiplications (autocast), of the parameters they
+    read (FSDP2 gathers them in the compute dtype; elsewhere autocast casts float32 weights),
+    of the master weights and optimizer state, and of the gradients' reduction."""
+    amp = autocast_dtype(cfg.train.dtype, device)
+    compute = str(amp or torch.float32).removeprefix("torch.")
+    sharded = world.distributed and cfg.parallel.strategy == "fsdp"
+    return {
+        "compute_dtype": compute,
+        "param_dtype": compute if sharded else "float32",
+        "master_dtype": "float32",
+        "reduce_dtype": cfg.parallel.reduce_dtype if sharded else "float32",
+    }
+
+
+def build_memory(device: Device) -> dict[str, int]:
+    """This rank's peak memory so far (the build's): the device's peak allocation (the process's
+    peak resident set on CPU) and the host's peak resident set."""
+    import resource
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+    return {"build_peak_bytes": int(device.memory_stats()["peak_allocated"]), "build_host_peak_rss_bytes": host}
 
 
 def _layout_words(cfg: Config, world: World) -> str:
