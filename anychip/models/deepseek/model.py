@@ -13,6 +13,7 @@ The file holds no distributed code: parallelism is applied from outside.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -234,6 +235,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device_type``; None where autocast is
+    off, or does not exist (the meta device)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str):
+    """A region without autocast on ``device_type`` (nothing to do where it is off already)."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class Gate(nn.Module):
     """Routing of DeepSeekMoE (eqs. 13-16).
 
@@ -253,7 +269,10 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, d] -> gate values [T, K_r] (float32), expert indices [T, K_r], scores s [T, N_r]."""
         a = self.args
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        # the choice compares scores: in float32 even under autocast, whose bf16 product would
+        # round near-equal experts' scores together and flip routing
+        with autocast_off(x.device.type):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias
         if a.n_group > 1:
             grouped = choice.view(-1, a.n_group, a.n_routed_experts // a.n_group)
@@ -373,8 +392,13 @@ class RoutedExperts(nn.Module):
         k = indices.shape[1]
         order = indices.flatten().argsort(stable=True)
         token = order // k
-        h = self.ffn(x[token], counts)
-        h = (h.float() * weights.flatten()[order, None]).to(x.dtype)
+        # torch has no autocast rule for the grouped GEMM: without this cast it would run in the
+        # residual stream's float32. Cast before the gather (K_r times fewer rows) and before expert
+        # parallelism's all-to-all, which then moves (and returns gradients in) the autocast dtype
+        dtype = autocast_dtype(x.device.type)
+        rows = x if dtype is None else x.to(dtype)
+        h = self.ffn(rows[token], counts)
+        h = (h.float() * weights.flatten()[order, None]).to(x.dtype)  # g_{i,t} in float32, summed in x's dtype
         return torch.zeros_like(x).index_add_(0, token, h)
 
     def ffn(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -511,6 +535,7 @@ class MTP(nn.Module):
 
     def forward(self, h_prev, emb, cos, sin):
         h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
+        h = h.to(h_prev.dtype)  # this module's residual stream, in the main one's dtype (not autocast's)
         return self.shared_head.norm(self.block(h, cos, sin))
 
 
@@ -580,6 +605,16 @@ class DeepSeekV3(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, the residual stream's first term: float32 when the table is in a lower
+        precision under autocast (FSDP2's bf16 parameters in the forward), so that every block adds
+        to a float32 sum; as the table is otherwise (float32, float64, or a bf16 model run without
+        autocast, whose layers could not take float32 inputs)."""
+        h = self.embed_tokens(input_ids)
+        if h.is_floating_point() and torch.finfo(h.dtype).bits < 32 and autocast_dtype(h.device.type) is not None:
+            return h.float()
+        return h
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -598,7 +633,7 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} cached + {seqlen} new do not fit")
         if positions is None:
             positions = torch.arange(start, start + seqlen, device=input_ids.device).unsqueeze(0)
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         mask = self._attention_mask(bsz, seqlen, start, attention_mask, input_ids.device)
         for layer in self.layers:
@@ -683,7 +718,7 @@ class DeepSeekV3(nn.Module):
                 # depth k at position i sees t_{i+k} and predicts t_{i+k+1} = labels[i+k]
                 h = h[:, :-1]
                 cos, sin = self.rope(positions[:, : h.shape[1]], h.dtype)
-                h = module(h, self.embed_tokens(input_ids[:, k:]), cos, sin)
+                h = module(h, self.embed(input_ids[:, k:]), cos, sin)
                 total, count = ce(h, labels[:, k:])
                 mtp_losses.append(total)
                 mtp_tokens.append(count)
