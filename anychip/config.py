@@ -165,6 +165,12 @@ class TrainConfig:
     """Max global gradient norm; 0 = off."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Autocast dtype; auto = the device's low-precision dtype on accelerators, float32 on CPU."""
+    deterministic: bool = False
+    """Deterministic kernels for the whole run (torch.use_deterministic_algorithms; on CUDA with cuBLAS's
+    workspace pinned), so that a resumed run ends bit-identical to an uninterrupted one on accelerators
+    too (CPU kernels are deterministic already). An op without a deterministic kernel then stops the run
+    with an error. Costs speed: scatters and index_add_ (the MoE combine) sort instead of using atomics,
+    some attention and GEMM algorithms are ruled out, and new tensors are filled before use."""
     compile: bool = False
     """Compile each transformer block (torch.compile, in place, after activation checkpointing and
     before FSDP/DDP; the compiled backward does the recomputation); the first steps are slower

@@ -47,6 +47,7 @@ API = [
     "peak_flops",
     "peak_bandwidth",
     "fused_adamw",
+    "prepare_determinism",
     "is_available",
     "unavailable_reason",
 ]
@@ -293,6 +294,37 @@ def test_cuda_without_native_bf16_has_no_autocast(monkeypatch):
     fake.is_bf16_supported.assert_called_once_with(including_emulation=False)
     assert device.autocast_dtype() is None
     assert device.supports_dtype(torch.float16)
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_cuda_pins_the_cublas_workspace_before_the_first_kernel(monkeypatch, restore_determinism):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    CudaDevice().prepare_determinism()  # for the recompute audit's deterministic recomputes
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    CudaDevice().prepare_determinism(deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's deterministic choice is kept
+    CudaDevice().prepare_determinism(deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    CudaDevice().prepare_determinism()  # not asked for: the user's setting stands
+    with pytest.raises(DeviceError, match=r"CUBLAS_WORKSPACE_CONFIG = :4096:8 or :16:8.*':0:0'"):
+        CudaDevice().prepare_determinism(deterministic=True)
+
+
+@pytest.mark.parametrize("cls", [CpuDevice, NpuDevice, XpuDevice, MpsDevice], ids=lambda c: c.__name__)
+def test_other_devices_only_set_torchs_deterministic_algorithms(monkeypatch, restore_determinism, cls):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cls().prepare_determinism(deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    cls().prepare_determinism(deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_unknown_accelerator_has_no_peak(monkeypatch):

@@ -21,7 +21,7 @@ from anychip.errors import ConfigError, GuardStop
 from anychip.goodput import goodput
 from anychip.guards.base import Action, StepView
 from anychip.guards.nonfinite import NonFinite
-from anychip.guards.sdc import fingerprint, odd_ones_out
+from anychip.guards.sdc import RecomputeAudit, fingerprint, odd_ones_out
 from anychip.guards.spike import robust_z
 from anychip.train.hooks import Hooks
 from anychip.train.loop import train
@@ -330,6 +330,41 @@ def test_fingerprint_sees_one_flipped_bit():
     before = fingerprint(ts)
     ts[1].view(torch.int16).view(-1)[5] ^= 1
     assert fingerprint(ts) != before
+
+
+@pytest.mark.parametrize("before", ["off", "strict"])
+def test_the_audit_recomputes_under_deterministic_algorithms_and_restores_the_setting(monkeypatch, before):
+    """Both recomputes run with deterministic kernels (warning, not raising, where an op has none,
+    unless the run is deterministic throughout); the setting is back afterwards, also after an error."""
+    from conftest import make_args, make_model
+
+    from anychip.device.cpu import CpuDevice
+
+    seen = []
+
+    def once(audit, micro):
+        seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        )
+        return torch.ones(4, dtype=torch.float64)
+
+    monkeypatch.setattr(RecomputeAudit, "_once", once)
+    cfg = load_config(None, ["guards.audit_interval=1"]).guards
+    audit = RecomputeAudit(cfg, make_model(make_args()), CpuDevice(), None, None, rank=0)
+    view = StepView(step=1, figures={}, grad_norm=0.0, batch={"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+    torch.use_deterministic_algorithms(before == "strict")
+    try:
+        assert audit.judge(view).action == Action.GO
+        assert seen == [(True, before == "off")] * 2
+        assert torch.are_deterministic_algorithms_enabled() == (before == "strict")
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        monkeypatch.setattr(RecomputeAudit, "_once", lambda audit, micro: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            audit.judge(view)
+        assert torch.are_deterministic_algorithms_enabled() == (before == "strict")
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_odd_ones_out():

@@ -187,6 +187,23 @@ def test_bfloat16_autocast_trains(tmp_path):
     assert m[-1]["loss"] < m[0]["loss"]
 
 
+def test_train_deterministic_runs_every_step_with_deterministic_algorithms(one_process, tmp_path):
+    """The run's own kernels (and the audit's recomputes) under torch's deterministic algorithms;
+    on the CPU, deterministic already, the losses are the plain run's."""
+    seen = []
+    hooks = Hooks()
+    hooks.add("after_backward", lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))
+    hooks.add("after_step", lambda s: seen.append(torch.are_deterministic_algorithms_enabled()))  # after the audit
+    cfg = load_config(None, [*FAST, "train.deterministic=true", "guards.audit_interval=2"])
+    try:
+        train(cfg, tmp_path / "det", hooks)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [True] * 2 * cfg.train.steps
+    assert [m["loss"] for m in metrics(tmp_path / "det")] == [m["loss"] for m in metrics(one_process[0])]
+    assert not [e for e in events(tmp_path / "det") if e["event"] == "audit_mismatch"]
+
+
 def test_plain_torchrun_runs_the_same_worker(one_process, tmp_path):
     """What a cluster runs: torchrun (not anychip's launcher) starting python -m anychip.launch."""
     torchrun = Path(sys.executable).with_name("torchrun")

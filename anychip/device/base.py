@@ -68,6 +68,14 @@ class Device(abc.ABC):
         """The preferred low-precision autocast dtype: bfloat16 where supported, else None (no autocast)."""
         return torch.bfloat16 if self.supports_dtype(torch.bfloat16) else None
 
+    def prepare_determinism(self, deterministic: bool = False) -> None:
+        """Call once at the worker's start, before the first kernel: ready this device's deterministic
+        kernels (the recompute audit turns them on around its recomputes) and set torch's deterministic
+        algorithms for the process to ``deterministic`` (on: an op without a deterministic kernel raises
+        rather than run nondeterministically). Vendors whose deterministic kernels need setting up before
+        their first use override it; raises DeviceError where that setup conflicts with the environment."""
+        torch.use_deterministic_algorithms(deterministic)
+
     @abc.abstractmethod
     def fused_adamw(self) -> bool:
         """Whether torch.optim.AdamW(fused=True) runs on this device (found by trying it once, then cached)."""

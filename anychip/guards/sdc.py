@@ -9,14 +9,18 @@ therefore only written from weights that all replicas agree on.
 RecomputeAudit: every ``audit_interval`` steps the step's own objective on one slice of
 its batch (``audit_rows`` sequences) is computed twice on each rank, locally, and the loss
 and gradient fingerprints compared: bit-equal on deterministic devices (CPU), within
-``audit_tolerance`` elsewhere. A mismatch rolls back; a rank that fails
-``audit_max_failures`` audits is reported as faulty hardware and the run stops.
+``audit_tolerance`` elsewhere. Both recomputes run with torch's deterministic algorithms
+(``Device.prepare_determinism`` readied them at the worker's start): a healthy GPU's
+atomics-based kernels (the MoE combine's ``index_add_``) would otherwise differ between the
+two by rounding order. A mismatch rolls back; a rank that fails ``audit_max_failures``
+audits is reported as faulty hardware and the run stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -97,6 +101,20 @@ class ReplicaCheck(Guard):
         self.budget.progress(view.step)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic algorithms for the duration, the previous setting restored after,
+    also on error. An op with no deterministic kernel warns (torch's ``warn_only``) rather than
+    stop a healthy run, unless the run asked for deterministic algorithms throughout."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only or not enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 class RecomputeAudit(Guard):
     """The step's objective on ``audit_rows`` rows of its batch, twice, through the same
     code path as the step (``anychip.train.step``): the loss and gradient fingerprints must agree."""
@@ -136,7 +154,8 @@ class RecomputeAudit(Guard):
         core = unwrap(self.model)
         micro = rows(view.batch, slice(0, self.rows), core.embed_tokens.weight.device)
         counters = [m.expert_load.clone() for m in core.moe_layers()]
-        first, second = self._once(micro), self._once(micro)
+        with deterministic_algorithms():
+            first, second = self._once(micro), self._once(micro)
         for m, c in zip(core.moe_layers(), counters):  # the audit's tokens are not the step's
             m.expert_load.copy_(c)
         # the loss and the non-negative parts (|g| and g^2 sums) are compared relatively

@@ -51,6 +51,7 @@ def train(
     run_dir = Path(run_dir)
     hooks = hooks or Hooks()
     device = get_device(None if cfg.device.type == "auto" else cfg.device.type)  # auto: ANYCHIP_DEVICE, then detection
+    device.prepare_determinism(cfg.train.deterministic)  # before the first kernel (cuBLAS reads its workspace once)
     world = init_world(device, cfg.guards.collective_timeout_s, cfg.parallel, generation)
     t = cfg.train
     log = RunLog(run_dir, world.is_main, t.steps, cfg.log.tensorboard, cfg.log.progress, t.log_interval)
