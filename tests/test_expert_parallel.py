@@ -4,8 +4,10 @@ checkpoints resume under another layout and export the same Hugging Face files; 
 combinations that cannot work are config errors naming the numbers."""
 
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +153,55 @@ def test_the_dispatch_computes_what_one_process_does_even_for_a_rank_without_tok
     """Two ranks, each holding 4 of 8 experts; every token goes to rank 0's experts: outputs and
     gradients equal the computation without expert parallelism, and nobody waits forever."""
     mp.start_processes(_dispatch_worker, args=(str(tmp_path / "init"), fallback), nprocs=2, start_method="spawn")
+
+
+def _optimizer_worker(rank: int, port: int) -> None:
+    from conftest import make_args, make_model
+
+    from anychip.device import get_device
+    from anychip.parallel import close_world, init_world, parallelize
+    from anychip.train.optim import build_optimizer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["device.type=cpu", "parallel.ep=2"])
+    device = get_device("cpu")
+    world = init_world(device, parallel=cfg.parallel)
+    try:
+        model = parallelize(make_model(make_args()), world, "fsdp")
+        optimizer = build_optimizer(model, cfg.train, device)
+        ref = parallelize(make_model(make_args()), world, "fsdp")
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        twins = list(ref.parameters())
+        groups = [
+            {"params": [twins[index[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+            for g in optimizer.param_groups
+        ]
+        t = cfg.train
+        reference = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=False)
+        decay = optimizer.param_groups[0]
+        assert decay["fused"] and len({p.device_mesh for p in decay["params"]}) == 2  # dense and experts' meshes
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            ids = torch.randint(0, model.args.vocab_size, (2, 12), generator=gen)
+            for m, opt in ((model, optimizer), (ref, reference)):
+                m.loss(ids, ids.roll(-1, dims=1)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.to_local(), q.to_local(), rtol=1e-5, atol=1e-6)
+    finally:
+        close_world(world)
+
+
+def test_fused_adamw_steps_the_dtensors_of_both_meshes_as_the_for_loop_does():
+    """FSDP2 + EP 2 on two processes: one fused AdamW over the dense parameters and the experts'
+    (another mesh) gives the for-loop's parameters within rounding."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_optimizer_worker, args=(port,), nprocs=2, start_method="spawn")
 
 
 @pytest.mark.parametrize("layout", STARTED)

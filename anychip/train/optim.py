@@ -23,12 +23,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: Device) -> torch
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = device.fused_adamw() and not _has_dtensor(model)
+    # FSDP2's and expert parallelism's DTensors too: torch 2.13's fused AdamW steps them, those of the
+    # experts' mesh and the dense mesh in one call (checked on 2 gloo processes, EP 2, against the for-loop)
+    fused = device.fused_adamw()
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-
-
-def _has_dtensor(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
