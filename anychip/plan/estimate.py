@@ -6,8 +6,8 @@ micro-batch of M sequences. Per device:
 
     params, grads, optimizer   float32 parameters, their gradients and AdamW's two moments,
                  sharded over S (the experts over E x S/E = S ranks too)
-    buffers      FSDP's gathered blocks (this one and the prefetched next); the root's embedding
-                 and output head while gathered; with more than one micro-batch, the unsharded gradients of every
+    buffers      FSDP's gathered blocks (this one and the prefetched next), gathered in the
+                 compute dtype; the root's embedding and output head while gathered; with more than one micro-batch, the unsharded gradients of every
                  parameter this rank computes with (FSDP reduce-scatters after the last only)
     activations  what one micro-batch keeps for the backward pass (``activations.py``), scaled
                  from float32 to the compute dtype
@@ -127,15 +127,16 @@ def estimate(
     f32 = 4
     params = grads = f32 * s.total / S
     optimizer = 2 * f32 * s.total / S
-    gathered_block = (s.block_dense + s.block_experts / E) * f32
+    # FSDP2 gathers the parameters in the compute dtype (its MixedPrecisionPolicy) and reduce-scatters in float32
+    gathered_block = (s.block_dense + s.block_experts / E) * a.compute_bytes
     tokens_mb = M * seq_len
     a2a_rows = tokens_mb * args.num_experts_per_tok * args.hidden_size * a.compute_bytes if E > 1 else 0
     # two gathered blocks (this one and the prefetched next); their unsharded gradients, the
     # third candidate, were not part of the peak measured on the CPU (2 and 4 processes)
     # (the all-to-all's send and receive rows live within one MoE layer's pass, not at the step's peak)
-    buffers = 2 * gathered_block + s.root * f32
+    buffers = 2 * gathered_block + s.root * a.compute_bytes
     if micro_steps > 1:  # the micro-batches before the last accumulate unsharded gradients (no reduce-scatter)
-        buffers += (s.total - s.experts + s.experts / E) * f32
+        buffers += (s.total - s.experts + s.experts / E) * a.compute_bytes
     saved = saved_bytes(args, M, seq_len)
     activations = saved.activations(layout.activation_checkpoint) * a.compute_bytes / 4
     grads_unsharded = 0.0  # gradients are reduce-scattered block by block: counted in buffers
@@ -152,12 +153,12 @@ def estimate(
     shard_frac = (S - 1) / S
     # every block is gathered for its forward and again for its backward, per micro-batch; the root
     # (embedding, output head) stays gathered from its forward through its backward
-    comm["all_gather"] = micro_steps * (2 * dense - s.root) * f32 * shard_frac
+    comm["all_gather"] = micro_steps * (2 * dense - s.root) * a.compute_bytes * shard_frac
     comm["reduce_scatter"] = dense * f32 * shard_frac
     expert_group = S // E
     if expert_group > 1:
         frac = (expert_group - 1) / expert_group
-        comm["all_gather"] += 2 * micro_steps * s.experts / E * f32 * frac
+        comm["all_gather"] += 2 * micro_steps * s.experts / E * a.compute_bytes * frac
         comm["reduce_scatter"] += s.experts / E * f32 * frac
     if R > 1:
         comm["all_reduce"] = 2 * (R - 1) / R * s.total / S * f32

@@ -37,7 +37,7 @@ from ..launcher_env import POOL_ATTEMPT
 from ..models import DeepSeekV3, count_parameters
 from ..models.deepseek.parallelize import apply_activation_checkpointing, apply_compile
 from ..models.hf import remove_save_leftovers
-from ..parallel import World, parallelize, unwrap
+from ..parallel import World, all_gather_floats, parallelize, unwrap
 from ..pools.sync import NoPools, PoolSync, data_shard, pool_index
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
 from ..rl.policy import PolicyLoss
@@ -286,7 +286,7 @@ def _log_start(cfg: Config, state: TrainState, generation: int = 0) -> None:
         parameters=total,
         activated=active,
         **precision(cfg, device, world),
-        **build_memory(device),
+        **build_memory(device, world),
         restart=restart,
         generation=generation,
         pid=os.getpid(),
@@ -326,13 +326,17 @@ def precision(cfg: Config, device: Device, world: World) -> dict[str, str]:
     }
 
 
-def build_memory(device: Device) -> dict[str, int]:
-    """This rank's peak memory so far (the build's): the device's peak allocation (the process's
-    peak resident set on CPU) and the host's peak resident set."""
+def build_memory(device: Device, world: World) -> dict[str, list[int]]:
+    """Each rank's peak memory so far (the build's), by rank: the device's peak allocation (the
+    process's peak resident set on CPU) and the host's peak resident set."""
     import resource
 
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
-    return {"build_peak_bytes": int(device.memory_stats()["peak_allocated"]), "build_host_peak_rss_bytes": host}
+    peak = device.memory_stats()["peak_allocated"]
+    return {
+        "build_peak_bytes": [int(b) for b in all_gather_floats(float(peak), world)],
+        "build_host_peak_rss_bytes": [int(b) for b in all_gather_floats(float(host), world)],
+    }
 
 
 def _layout_words(cfg: Config, world: World) -> str:

@@ -61,9 +61,7 @@ def checkpoint_args(directory: Path) -> ModelArgs:
     return cfg.model_args().replace(**shape)
 
 
-def materialize(
-    model: DeepSeekV3, source: tuple[str, Path] | None, seed: int, device: Device, world: World
-) -> None:
+def materialize(model: DeepSeekV3, source: tuple[str, Path] | None, seed: int, device: Device, world: World) -> None:
     """Give ``model`` (built on meta, laid out or not) memory for this rank's shards only,
     and fill them (see the module). A bad or unreadable source raises CheckpointError on
     every rank (naming the file), never on one rank while the others wait for it."""
