@@ -15,7 +15,7 @@ from anychip.cli import main
 from anychip.models import DeepSeekV3, preset
 from anychip.plan.activations import saved_bytes
 from anychip.plan.chips import CHIPS
-from anychip.plan.estimate import Assumptions, estimate, layouts
+from anychip.plan.estimate import Assumptions, Layout, estimate, layouts
 from anychip.plan.flops import step_flops_per_sequence
 from anychip.plan.measure import step_worker
 
@@ -100,8 +100,7 @@ def test_v3_on_2048_h800s_fits_in_80_gb_and_says_what_it_assumed(capsys):
     # the printed plan shows the same best layout and states its assumptions
     assert main(["plan", *argv]) == 0
     text = capsys.readouterr().out
-    lay = best["layout"]
-    assert f"fastest that fits: {lay['dp_replicate']}x{lay['dp_shard']}, ep {lay['ep']}" in text
+    assert f"fastest that fits: {Layout(**best['layout'])}" in text
     for words in ("MFU 0.35", "--link-efficiency", "do not overlap", "arXiv 2412.19437"):
         assert words in text
     # an override changes the figures it should
