@@ -258,3 +258,23 @@ def test_a_layout_that_cannot_work_is_a_config_error_naming_the_numbers(nproc, s
     load_config(None, [*settings, "parallel.ep=2", "model.n_routed_experts=6"])  # these fit
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(None, [*settings, *sets])
+
+
+def test_a_bfloat16_run_on_four_processes_with_ep_2_keeps_the_losses_of_one(tmp_path):
+    """bf16 autocast: one process (float32 weights cast by autocast) and 4 (FSDP2 gathering bf16
+    parameters, float32 master weights and reduction; experts over EP 2, their all-to-all in
+    bf16) compute the same steps up to bf16 rounding; run_start says which dtypes were in force."""
+    bf16 = ["train.dtype=bfloat16", "train.steps=3", "checkpoint.interval=0"]
+    cli(tmp_path / "one", 1, bf16)
+    cli(tmp_path / "four", 4, [*bf16, "parallel.ep=2"])
+    one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
+    assert sorted(one) == sorted(four) == [1, 2, 3]
+    for s in one:
+        assert four[s]["loss"] == pytest.approx(one[s]["loss"], rel=2e-3), s
+        assert four[s]["grad_norm"] == pytest.approx(one[s]["grad_norm"], rel=2e-2), s
+    assert four[1]["loss"] != one[1]["loss"] or four[2]["loss"] != one[2]["loss"]  # bf16 parameters: not bit-equal
+    start = [e for e in lines(tmp_path / "four" / "events.jsonl") if e["event"] == "run_start"][-1]
+    assert (start["compute_dtype"], start["param_dtype"], start["reduce_dtype"]) == ("bfloat16",) * 2 + ("float32",)
+    assert start["master_dtype"] == "float32" and len(start["build_peak_bytes"]) == 4
+    start = [e for e in lines(tmp_path / "one" / "events.jsonl") if e["event"] == "run_start"][-1]
+    assert (start["compute_dtype"], start["param_dtype"]) == ("bfloat16", "float32")
