@@ -143,7 +143,7 @@ def test_save_refuses_to_overwrite_and_keeps_the_old_directory(tmp_path, monkeyp
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("anychip.models.hf.save_file", crash)
+    monkeypatch.setattr("anychip.models.hf.SafetensorsWriter.write", crash)
     with pytest.raises(OSError, match="disk full"):
         save_hf(model, path, overwrite=True)
     assert (path / "model.safetensors").read_bytes() == before  # the earlier save is intact

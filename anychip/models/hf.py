@@ -10,17 +10,18 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError, ConfigError
 from .deepseek.args import ModelArgs, YarnScaling
 from .deepseek.init import shard_rows
 from .deepseek.model import DeepSeekV3
 from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
+from .safetensors_stream import SafetensorsWriter, nbytes
 
 # config.json fields that map one to one onto ModelArgs
 _DIRECT = (
@@ -511,6 +512,7 @@ def save_hf(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     protect: str | os.PathLike | None = None,
+    writer: bool = True,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory that
     ``transformers.DeepseekV3ForCausalLM.from_pretrained`` loads.
@@ -525,38 +527,104 @@ def save_hf(
     FileExistsError for a path it must not replace: an existing non-empty ``path`` needs
     ``overwrite`` and must hold only a previous export's files; the root, home, the
     working directory and ``protect`` are never replaced.
+
+    The model streams out (``save_hf_streamed``): one of its tensors at a time is
+    converted and written, so saving adds one tensor to the memory held, not a copy of the
+    model. A sharded model (DTensor parameters: FSDP2, expert parallelism) is saved by all
+    its ranks together, each calling ``save_hf`` with ``writer`` true on one rank only: each
+    tensor is gathered whole in turn, and only the writer touches the filesystem.
+    """
+    state = model.state_dict()
+
+    def fetch(name: str) -> torch.Tensor:
+        t = state[name]
+        return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor: a collective
+
+    tensors = [(name, t.shape, t.dtype) for name, t in state.items()]
+    dtype = dtype or model.embed_tokens.weight.dtype
+    return save_hf_streamed(model.args, tensors, fetch, path, dtype, max_shard_bytes, overwrite, protect, writer)
+
+
+# written in float32 whatever the dtype asked, as load_hf reads them: they decide which experts run
+_FP32_SUFFIXES = ("e_score_correction_bias", "mlp.gate.weight")
+
+
+def save_hf_streamed(
+    args: ModelArgs,
+    tensors: Sequence[tuple[str, Sequence[int], torch.dtype]],
+    fetch: Callable[[str], torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    protect: str | os.PathLike | None = None,
+    writer: bool = True,
+) -> Path:
+    """``save_hf`` of a model given tensor by tensor: ``tensors`` are its state-dict entries
+    (anychip name, whole shape, dtype) in state-dict order, and ``fetch(name)`` returns the
+    whole tensor ``name`` (on any device). Files, names, shards, casts (``dtype`` default:
+    that of ``embed_tokens.weight``) and the safety of the write are ``save_hf``'s, and so
+    are the bytes: each file is what ``safetensors.torch.save_file`` writes.
+
+    Each tensor is fetched once, in order (a tied ``lm_head.weight`` not at all), split into
+    the Hub's tensors, cast and written to its place in its file before the next is fetched:
+    the memory held is one anychip tensor and one cast piece of it, whatever the model's size.
+
+    ``fetch`` may be a collective (a DTensor's ``full_tensor``): every rank then calls this
+    with the same ``tensors``, and only the one with ``writer`` writes; the others fetch each
+    tensor in turn, drop it, and return ``path``. The writer raises (FileExistsError before
+    its first fetch; whatever fails while writing) without fetching the rest, so the others
+    wait in their next fetch until that collective fails (its timeout, or the writer's exit).
     """
     path = Path(path)
+    dtype = dtype or next(d for name, _, d in tensors if name == "embed_tokens.weight")
+    plan = []  # (anychip name, its Hub tensors (name, shape, dtype written)); meta tensors cost nothing
+    for name, shape, source_dtype in tensors:
+        meta = torch.empty(shape, dtype=source_dtype, device="meta")
+        out = [
+            (key, tuple(t.shape), torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype)
+            for key, t in to_hf(args, {name: meta})
+        ]
+        if out:
+            plan.append((name, out))
+    if not writer:
+        for name, _ in plan:
+            fetch(name)
+        return path
     check_save_target(path, overwrite, protect)
     real = path.resolve()  # a symlinked path: its target is replaced, the link kept
-    args = model.args
-    dtype = dtype or model.embed_tokens.weight.dtype
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for name, t in to_hf(args, model.state_dict()):
-        if hasattr(t, "full_tensor"):  # DTensor from FSDP/TP: gather the whole tensor
-            t = t.full_tensor()
-        keep_fp32 = name.endswith(("e_score_correction_bias", "mlp.gate.weight"))
-        tensors.append((name, t.detach().to(device="cpu", dtype=torch.float32 if keep_fp32 else dtype)))
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for entry in (e for _, out in plan for e in out):  # in to_hf order: a new file when this one is full
+        n_bytes = nbytes(entry[1], entry[2])
+        if shards[-1] and size + n_bytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, t))
-        size += nbytes
+        shards[-1].append(entry)
+        size += n_bytes
+    n = len(shards)
+    fnames = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    shard_of = {key: i for i, shard in enumerate(shards) for key, _, _ in shard}
+    unwritten = [len(shard) for shard in shards]
     real.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    files: dict[int, SafetensorsWriter] = {}  # open while some of their tensors are still to come
     try:
-        weight_map = {}
-        n = len(shards)
-        for i, shard in enumerate(shards, start=1):
-            fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            save_file({k: v.contiguous().clone() for k, v in shard}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k, _ in shard})
+        for name, out in plan:
+            for (key, piece), (_, _, cast) in zip(to_hf(args, {name: fetch(name)}), out, strict=True):
+                i = shard_of[key]
+                if i not in files:
+                    files[i] = SafetensorsWriter(tmp / fnames[i], shards[i], metadata={"format": "pt"})
+                files[i].write(key, piece.detach().to(device="cpu", dtype=cast))
+                unwritten[i] -= 1
+                if not unwritten[i]:
+                    files.pop(i).close()
+            del piece  # the fetched tensor goes before the next one comes
+        for i in list(files):
+            files.pop(i).close()  # (none left open: close names what is missing)
         if n > 1:
-            total = sum(t.numel() * t.element_size() for _, t in tensors)
+            total = sum(nbytes(shape, d) for shard in shards for _, shape, d in shard)
+            weight_map = {key: fnames[i] for key, i in shard_of.items()}
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config_from_args(args, dtype), indent=2) + "\n")
@@ -575,6 +643,8 @@ def save_hf(
         else:
             tmp.rename(real)
     except BaseException:
+        for f in files.values():
+            f.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path

@@ -15,7 +15,7 @@ from .hooks import TrainState
 
 
 def full_model(state: TrainState) -> DeepSeekV3:
-    """A plain (unsharded) copy of the model on every rank, for saving and evaluation."""
+    """A plain (unsharded) copy of the model on every rank, for evaluation."""
     model, world = state.model, state.world
     core = unwrap(model)
     if not world.distributed:
@@ -30,12 +30,13 @@ def finish(state: TrainState, e: EvalConfig, heldout, train_time: float) -> None
     """Save the final model and score it on ``e.n`` problems of the ``heldout`` task source
     (none: no evaluation), each rank a share; then the run_end event."""
     world, log = state.world, state.log
-    final = full_model(state)
-    if world.is_main:
-        save_hf(final, state.run_dir / "final", overwrite=True)
+    # streamed from the model as it is: sharded, every rank takes part in each tensor's gather
+    # and the main rank writes; whole (one process, DDP), only the main rank has work to do
+    save_hf(unwrap(state.model), state.run_dir / "final", overwrite=True, writer=world.is_main)
     result = None
     if heldout is not None and e.n:
         examples = shard([heldout.example(i) for i in range(min(e.n, len(heldout)))], world.rank, world.world_size)
+        final = full_model(state)
         result = reduce_result(evaluate(final, state.tokenizer, examples, e.max_new_tokens, e.batch_size), world)
         state.eval = result
         log.print(
