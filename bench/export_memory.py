@@ -4,11 +4,11 @@
 over the bigger model's float32 bytes P.
 
 Each run is made once by a one-step `anychip train` (one process, CPU, a checkpoint per
-step) in --work, and reused when it is already there. Each export runs from a checkout given
-by --code (default: this one); --baseline REV adds a detached worktree of REV (e.g. the
-commit before export streamed), so that both are measured side by side, and says whether
-the two wrote the same bytes. The peak is the child's ru_maxrss (getrusage(RUSAGE_CHILDREN)
-of a process that starts only that child).
+step) in --work, and reused when it is already there. Each export runs from this checkout;
+--baseline REV also from a detached worktree of REV (e.g. the commit before export streamed,
+0e864f6), removed at the end, so that both are measured side by side, and the bench says
+whether the two wrote the same bytes. The peak is the export's ru_maxrss (getrusage
+RUSAGE_CHILDREN of a process that starts only the export).
 
     python bench/export_memory.py [--work DIR] [--baseline REV] [--repeats 1]
 """
@@ -106,9 +106,19 @@ def main() -> None:
     codes = {"this checkout": ROOT}
     if a.baseline:
         tree = work / f"code-{a.baseline}"
-        if not tree.is_dir():
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), a.baseline], check=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), a.baseline], check=True)
         codes = {f"baseline {a.baseline}": tree, **codes}
+    try:
+        measure(work, codes, a.repeats)
+    finally:
+        if a.baseline:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+    if a.work is None:
+        print(f"(runs and exports left in {work})")
+
+
+def measure(work: Path, codes: dict[str, Path], repeats: int) -> None:
+    """Make the runs if need be, export each from each checkout and print the figures."""
     runs = {name: work / f"run-{name}" for name in MODELS}
     for name, sets in MODELS.items():
         make_run(runs[name], sets)
@@ -118,7 +128,7 @@ def main() -> None:
         peaks = {}
         for name, run in runs.items():
             out = work / f"export-{label.replace(' ', '_')}-{name}"
-            peaks[name] = min(peak_rss(code, run, out) for _ in range(a.repeats))
+            peaks[name] = min(peak_rss(code, run, out) for _ in range(repeats))
         extra = peaks["401M"] - peaks["debug"]
         results[label] = {
             "peak_debug_MB": peaks["debug"] / 1e6,
@@ -129,14 +139,12 @@ def main() -> None:
             f"{label}: peak {peaks['debug'] / 1e6:.0f} MB (debug), {peaks['401M'] / 1e6:.0f} MB (401M); "
             f"difference {extra / 1e6:.0f} MB = {extra / big:.2f} P (P = {big / 1e6:.0f} MB)"
         )
-    if a.baseline:
+    if len(codes) > 1:
         labels = [label.replace(" ", "_") for label in codes]
         for name in runs:
             same = same_files(*(work / f"export-{label}-{name}" for label in labels))
             print(f"{name}: the two exports' files are {'byte-identical' if same else 'DIFFERENT'}")
     print(json.dumps(results))
-    if a.work is None:
-        print(f"(runs and exports left in {work})")
 
 
 if __name__ == "__main__":
