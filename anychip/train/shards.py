@@ -16,19 +16,19 @@ shards copied from the policy's (``sharded_reference``); no rank gathers it eith
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..checkpoint import verify
-from ..config import Config, load_config
+from ..config import Config
 from ..dcp_reader import safe_load
 from ..device import Device
 from ..errors import CheckpointError
+from ..export import checkpoint_args
 from ..init_from import resolve_init
-from ..models import DeepSeekV3, ModelArgs, YarnScaling
+from ..models import DeepSeekV3, ModelArgs
 from ..models.deepseek.args import SHAPE_FREE
 from ..models.hf import fill_from_hf, hf_model_args
 from ..parallel import World, copy_shards, parallelize, unwrap
@@ -43,22 +43,12 @@ def model_source(cfg: Config, vocab_size: int) -> tuple[ModelArgs, tuple[str, Pa
     shape_free = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FREE}
     # the config refused shape fields that differ from the model's own
     kind, path = resolve_init(cfg.model.init_from)
-    args = hf_model_args(path, **shape_free) if kind == "hf" else checkpoint_args(path).replace(**shape_free)
+    args = hf_model_args(path, **shape_free) if kind == "hf" else checkpoint_args(path)[0].replace(**shape_free)
     if args.vocab_size < vocab_size:
         raise ValueError(
             f"model.init_from {cfg.model.init_from}: vocab_size {args.vocab_size} < tokenizer's {vocab_size} tokens"
         )
     return args, (kind, path)
-
-
-def checkpoint_args(directory: Path) -> ModelArgs:
-    """The ModelArgs of the model in checkpoint ``directory``: its run's config for the
-    training-time terms, its meta.json for the shapes (right for init_from runs too)."""
-    cfg = load_config(directory / "config.toml", check_inputs=False)
-    shape = dict(json.loads((directory / "meta.json").read_text())["model_shape"])
-    if shape.get("rope_scaling"):
-        shape["rope_scaling"] = YarnScaling(**shape["rope_scaling"])
-    return cfg.model_args().replace(**shape)
 
 
 def materialize(model: DeepSeekV3, source: tuple[str, Path] | None, seed: int, device: Device, world: World) -> None:
