@@ -93,6 +93,11 @@ class Device(abc.ABC):
     def reset_peak_memory(self) -> None:
         """Restart the window that "peak_allocated" covers."""
 
+    def release_freed_memory(self) -> None:
+        """Give memory that tensors freed back to the system where nothing else would: nothing on
+        accelerators, whose caching allocators keep it for the next step on purpose."""
+        return None
+
     # -- randomness --------------------------------------------------------------------------------
     @abc.abstractmethod
     def manual_seed(self, seed: int) -> None:

@@ -68,6 +68,13 @@ class CpuDevice(Device):
         current = peak if rss is None else rss
         return {"allocated": current, "reserved": current, "peak_allocated": max(peak, current)}
 
+    def release_freed_memory(self) -> None:
+        """glibc keeps the freed small blocks of its heaps mapped (a step's gradients, FSDP's
+        gathered shards): ``malloc_trim`` returns them, so the resident set between steps is the
+        live tensors. Elsewhere (no glibc) nothing happens."""
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+
     def reset_peak_memory(self) -> None:
         """Reset the peak resident set size (Linux 4.0+, via /proc/self/clear_refs); elsewhere this is a
         no-op and "peak_allocated" stays the peak since process start."""
@@ -178,3 +185,16 @@ def _peak_rss() -> int:
         return 0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()

@@ -120,6 +120,13 @@ def run(trainer: Trainer) -> float | None:
     return time.perf_counter() - t_start
 
 
+def free_gradients(state) -> None:
+    """Drop the step's gradients; on CPU also give the memory they and FSDP's gathers held back to
+    the system, so the resident set between steps is the live state."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.device.release_freed_memory()
+
+
 def train_step(trainer: Trainer) -> bool:
     """One optimizer step (or the guards' alternative to it); True when the update was applied."""
     state, hooks, log = trainer.state, trainer.hooks, trainer.state.log
@@ -149,7 +156,7 @@ def train_step(trainer: Trainer) -> bool:
     state.optimizer.step()
     if trainer.pools.took_state():  # DiLoCo: this pool came back and took a live pool's state
         return False
-    state.optimizer.zero_grad(set_to_none=True)
+    free_gradients(state)
     loads = all_reduce_sum(unwrap(model).expert_loads().detach().float(), world)
     unwrap(model).update_balancing_bias(loads)
     state.batch = None
