@@ -9,11 +9,12 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .data import Example, score
 from .generate import generate
 from .models import DeepSeekV3
-from .parallel import all_reduce_sum, unwrap
+from .parallel import World, all_reduce_sum, unwrap
 
 STOP = "</answer>"
 
@@ -88,11 +89,16 @@ def evaluate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    lockstep: World | None = None,
 ) -> EvalResult:
     """Decode a completion for every example's prompt and score it: greedy by default;
     with ``temperature`` > 0, ``samples_per_problem`` sampled completions per problem whose
     scores are averaged (pass@1 as in DeepSeek-R1's evaluation). The model is put in eval
-    mode for the call and restored afterwards."""
+    mode for the call and restored afterwards.
+
+    ``lockstep``: the ranks of a sharded (FSDP2) model, each scoring its own ``examples``;
+    they decode batch by batch together (``generate``), a rank with fewer batches stepping
+    with an empty one, so every rank must call ``evaluate``."""
     was_training = model.training
     model.eval()
     stop = [tokenizer.encode(STOP)]
@@ -102,8 +108,12 @@ def evaluate(
         generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     correct, exact, samples = 0.0, 0.0, []
     todo = [ex for ex in examples for _ in range(k)]
+    batches = torch.tensor([-(-len(todo) // batch_size)])
+    if lockstep is not None and lockstep.distributed:  # every rank decodes as many batches
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
+    batches = int(batches)
     try:
-        for start in range(0, len(todo), batch_size):
+        for start in range(0, batches * batch_size, batch_size):
             chunk = todo[start : start + batch_size]
             prompts = [[tokenizer.bos_id, *tokenizer.encode(ex.prompt)] for ex in chunk]
             outs = generate(
@@ -118,6 +128,7 @@ def evaluate(
                 generator=generator,
                 vocab_size=tokenizer.vocab_size,
                 suppress=never_generated(tokenizer),
+                lockstep=lockstep,
             )
             for ex, out in zip(chunk, outs):
                 text = tokenizer.decode(out)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from anychip.config import load_config
 from anychip.data import ReasoningTasks
 from anychip.errors import ConfigError
+from anychip.parallel import unwrap
 from anychip.report.page import render
 from anychip.report.run import load_run
 from anychip.report.summary import overview
@@ -61,6 +62,7 @@ GRPO = [
     "grpo.max_new_tokens=12",
     "grpo.rewards={'rl_rewards:ascii_share' = 1.0, format = 0.1}",
 ]
+PLUS_OR_MINUS = 'data.task_options={basic_arithmetic = {operators = ["+", "-"]}}'  # '+': all-equal groups
 
 
 # -- advantages, KL, losses by hand -----------------------------------------------------
@@ -272,11 +274,10 @@ def test_dynamic_sampling_drops_all_equal_groups(sft_run, tmp_path):
         )
         return seen, read_jsonl(run / "metrics.jsonl")
 
-    data_opts = 'data.task_options={basic_arithmetic = {operators = ["+", "-"]}}'
-    plain, _ = groups_with_signal(tmp_path / "plain", data_opts)
+    plain, _ = groups_with_signal(tmp_path / "plain", PLUS_OR_MINUS)
     assert not all(plain)  # without dynamic sampling, '+' prompts give all-equal groups
     dynamic, metrics = groups_with_signal(
-        tmp_path / "dyn", data_opts, "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=20"
+        tmp_path / "dyn", PLUS_OR_MINUS, "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=20"
     )
     assert len(dynamic) == len(plain) and all(dynamic)  # dropped and refilled to full size
     assert sum(m["groups_dropped"] for m in metrics) > 0
@@ -312,10 +313,17 @@ def test_grpo_killed_and_resumed_ends_bit_identical(sft_run, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_process_grpo(sft_run, tmp_path, strategy):
+    """Two rollouts of two updates each in bfloat16, the reference reset to the policy after
+    each rollout. Under FSDP the policy samples sharded, in lockstep, with dynamic sampling
+    (each rank samples as many rounds as it needs, the other joining every forward), and the
+    reference is reset shard by shard. (Evaluation on the sharded model: test_generate.py.)"""
     run = tmp_path / strategy
-    r = cli(
-        run, sft_run, "parallel.nproc=2", f"parallel.strategy={strategy}", "train.steps=4", "grpo.ref_reset_interval=2"
-    )
+    sets = ["parallel.nproc=2", f"parallel.strategy={strategy}", "train.steps=4", "grpo.ref_reset_interval=2"]
+    sets += ["grpo.iterations=2", "train.dtype=bfloat16"]
+    if strategy == "fsdp":
+        sets += ["grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=20"]
+        sets += ["grpo.rewards={'rl_rewards:constant_on_plus' = 1.0}", PLUS_OR_MINUS]
+    r = cli(run, sft_run, *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     events = read_jsonl(run / "events.jsonl")
     start = next(e for e in events if e["event"] == "run_start")
@@ -323,9 +331,50 @@ def test_two_process_grpo(sft_run, tmp_path, strategy):
     assert [e["step"] for e in events if e["event"] == "reference_reset"] == [2, 4]
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    # 4 prompts x 4 completions, two prompts per rank: every completion counted once
-    assert all(m["generated_tokens"] <= 16 * 12 and m["groups_short"] == 0 for m in metrics)
+    # 4 prompts x 4 completions, two prompts per rank: every completion counted once (DDP: one round)
+    assert all(m["groups_short"] == 0 for m in metrics)
+    assert strategy == "fsdp" or all(m["generated_tokens"] <= 16 * 12 for m in metrics)
     assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 for m in metrics)
+    # each rollout's first update: the policy is the one that sampled (ratio 1) and the reference
+    # (the start, then the policy reset after step 2, balancing biases included) equals it (KL 0)
+    for m in metrics[0], metrics[2]:
+        assert m["kl"] == 0.0 and m["ratio_dev"] == 0.0 and m["ratio_mean"] == 1.0, m
+    assert metrics[1]["ratio_dev"] > 0 and metrics[1]["kl"] > 0  # the second update: the policy moved
+    assert metrics[0]["policy_fingerprint"] != metrics[2]["policy_fingerprint"]
+    assert all(-1e-6 < m["sampler_kl"] < 1e-2 for m in metrics)  # k3 >= 0, but for rounding
+    if strategy == "fsdp":
+        assert sum(m["groups_dropped"] for m in metrics) > 0
+
+
+def test_grpo_in_bfloat16_starts_at_zero_kl_and_a_ratio_of_one(sft_run, tmp_path):
+    """Old-policy and reference log-probs come from the update's own forward (autocast, the same
+    micro-batches of the same minibatches, eval mode): at the first update the policy is both
+    the sampler and the reference, so the KL is 0 and every ratio exactly 1, in bfloat16 too.
+    Sampling and those passes count no expert loads; each rollout logs the fingerprint of the
+    weights it sampled with and how far the sampler's log-probs are from the trainer's."""
+    seen = {}
+
+    def before_step(state):
+        if state.step == 1:  # sampled and scored, no update yet: nothing counted
+            seen["loads"] = unwrap(state.model).expert_loads().abs().sum().item()
+
+    def after_backward(state):  # before the update: the weights are still those of the last one
+        seen[state.step] = (state.figures["policy_fingerprint"], state.data.fingerprint())
+
+    hooks = Hooks()
+    hooks.add("before_step", before_step)
+    hooks.add("after_backward", after_backward)
+    sets = ["train.steps=4", "checkpoint.interval=0", "train.dtype=bfloat16", "grpo.beta=0.04"]
+    sets += ["grpo.iterations=2", "grpo.minibatches=2", "train.micro_batch=2"]  # 16 rows: 2 x 8, in fours of 2
+    grpo(tmp_path / "g", sft_run, *sets, hooks=hooks)
+    metrics = read_jsonl(tmp_path / "g" / "metrics.jsonl")
+    first = metrics[0]
+    assert first["kl"] == 0.0 and first["ratio_mean"] == 1.0 and first["ratio_dev"] == 0.0
+    assert all(m["ratio_dev"] > 0 and m["kl"] > 0 for m in metrics[1:])  # minibatch 1 comes after an update
+    assert all(-1e-6 < m["sampler_kl"] < 1e-2 for m in metrics)  # k3 >= 0, but for rounding
+    assert seen["loads"] == 0
+    assert seen[1][0] == seen[1][1]  # the rollout sampled with the weights that step 1 starts from
+    assert all(seen[s][0] == seen[1][0] != seen[s][1] for s in (2, 3, 4))  # one rollout, weights moving on
 
 
 def test_grpo_preempted_mid_rollout_stops_at_the_rollout_boundary_and_resumes_bit_identical(sft_run, tmp_path):

@@ -6,13 +6,16 @@ where a step's batch comes from and what its loss is:
 
     RolloutBatches.next_batch()     (the data source; TokenBatches' role)
         when the previous rollout batch is used up:
-        sync the rollout copy of the policy (a full copy under FSDP, the replica otherwise)
-        each rank samples grpo.group_size completions for each of its prompts
-            (KV-cache batched sampling, anychip.generate; groups never span ranks)
+        each rank samples grpo.group_size completions for each of its prompts from the
+            training policy itself, in eval mode under the update's autocast (KV-cache
+            batched sampling, anychip.generate; groups never span ranks; sharded under
+            FSDP, where the ranks decode in lockstep), keeping each token's log-prob
         rewards per component -> group-normalised advantages
         DAPO dynamic sampling: drop groups whose rewards are all equal, sample more prompts
         old-policy log-probs (when the batch is used for more than one update), reference
-            log-probs (when beta > 0)
+            log-probs (when beta > 0): the update's forward (autocast) on the update's
+            micro-batches, so that an unchanged policy gives a ratio of exactly 1 and a
+            reference equal to the policy a KL of exactly 0
         -> grpo.iterations passes x grpo.minibatches minibatches = one update each, each
            a dict of tensors plus the rollout's figures (``RolloutFigures``)
     PolicyLoss (anychip.rl.policy)  the Objective of the step (next-token loss's role), run by
@@ -27,7 +30,9 @@ samples exactly what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,15 +42,21 @@ import torch
 
 from ..data import Example
 from ..eval import never_generated
-from ..generate import generate
-from ..models import DeepSeekV3
-from ..parallel import World, all_reduce_sum, all_reduce_sums, full_state_dict, unwrap
+from ..generate import generate, sharded
+from ..guards.sdc import fingerprint
+from ..parallel import World, all_reduce_sum, all_reduce_sums, unwrap
+from ..train.step import Forward, autocast, autocast_dtype
 from .losses import group_advantages
 from .policy import log_softmax
 from .rewards import Completion, Rewards
 
 if TYPE_CHECKING:  # the [grpo] section's type only: rl does not depend on the config module
     from ..config import GRPOConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 STOP = "</answer>"
 IGNORE = -100
@@ -58,6 +69,7 @@ class Row:
     example: Example
     prompt: list[int]
     completion: list[int]
+    logp: list[float]  # of each completion token, as the sampler drew it
     scored: Completion
     reward: float
 
@@ -106,9 +118,10 @@ class RolloutFigures:
     forward_tokens: float
     rollout_time: float
     rewards: dict[str, float]  # mean per reward component
+    policy_fingerprint: int = 0  # of the weights sampled from (``RolloutBatches.fingerprint``)
 
     @classmethod
-    def of(cls, seen: Tally, world: World, dynamic_sampling: bool, seconds: float) -> RolloutFigures:
+    def of(cls, seen: Tally, world: World, dynamic_sampling: bool, seconds: float, weights: int = 0) -> RolloutFigures:
         fields = {k: v for k, v in vars(seen).items() if k != "parts"}
         t = all_reduce_sums({**fields, **{f"part/{k}": v for k, v in seen.parts.items()}}, world)
         n = max(t["sequences"], 1.0)
@@ -124,6 +137,7 @@ class RolloutFigures:
             forward_tokens=t["forward_tokens"],
             rollout_time=seconds,
             rewards={k: t[f"part/{k}"] / n for k in seen.parts},
+            policy_fingerprint=weights,
         )
 
     def metrics(self) -> dict[str, float]:
@@ -143,7 +157,8 @@ def prepare_policy(model) -> None:
 
 
 def make_reference(model) -> torch.nn.Module:
-    """A frozen copy of the (unwrapped, unsharded) starting policy."""
+    """A frozen copy of the (unwrapped, unsharded) starting policy: on one process and under
+    DDP, where every rank holds the whole model anyway (FSDP shards a second model alike)."""
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -152,26 +167,54 @@ def make_reference(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def token_logprobs(
-    model, input_ids: torch.Tensor, targets: torch.Tensor, micro: int, temperature: float = 1.0
+    forward, input_ids: torch.Tensor, targets: torch.Tensor, micro: int, temperature: float = 1.0
 ) -> torch.Tensor:
     """log p(target_t | input_<=t) for every position, [B, T], float32, in chunks of ``micro``
-    rows, of the policy at the sampling ``temperature`` (logits / temperature)."""
+    rows, of ``forward`` (the model, e.g. under autocast: ``anychip.train.step.Forward``) at
+    the sampling ``temperature`` (logits / temperature); the same operations as the update's
+    (``PolicyLoss``), so that the same rows give the same values."""
     out = []
     for start in range(0, input_ids.shape[0], micro):
-        logp = log_softmax(model(input_ids[start : start + micro]), temperature)
+        logp = log_softmax(forward(input_ids[start : start + micro]), temperature)
         out.append(logp.gather(-1, targets[start : start + micro].clamp(min=0).unsqueeze(-1)).squeeze(-1))
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """``model`` in eval mode for the block: MoE layers count no expert loads (the balancing
+    bias sees only the update's tokens) and skip the balance loss, which is all that the mode
+    changes in the model: its forward gives the values that training mode gives."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def update_autocast(state) -> torch.dtype | None:
+    """The update's autocast dtype (``train.dtype``), read from the run's resolved config that
+    the checkpointer keeps: for a RolloutBatches that was not given it."""
+    run = getattr(state.checkpointer, "run", None)
+    dtype = tomllib.loads(run.config_toml).get("train", {}).get("dtype", "auto") if run is not None else "float32"
+    return autocast_dtype(dtype, state.device)
 
 
 class RolloutBatches:
     """Minibatches of sampled, scored completions, one per optimizer update; resumable at
     rollout boundaries (``state_dict``), which is where checkpoints fall."""
 
-    def __init__(self, g: GRPOConfig, micro_batch: int, fsdp: bool, state, source):
+    def __init__(self, g: GRPOConfig, micro_batch: int, fsdp: bool, state, source, amp: torch.dtype | None = None):
+        """``micro_batch``: rows per forward of the update (0: a whole minibatch); ``fsdp``:
+        the policy is sharded (its forwards are collectives); ``amp``: the update's autocast
+        dtype (None: the run's ``train.dtype``, found when the first rollout starts)."""
         self.state = state
         self.g = g
         self.micro_batch = micro_batch
-        self.fsdp = fsdp and state.world.distributed  # sample from a full copy of the policy
+        self.fsdp = fsdp and state.world.distributed  # the ranks sample in lockstep
+        self.amp = amp
+        self._amp_known = amp is not None
         self.source = source
         self.tokenizer = state.tokenizer
         self.world: World = state.world
@@ -180,7 +223,6 @@ class RolloutBatches:
         self.cursor = 0  # prompts this rank has drawn
         self.stats = {"batches": 0, "rollouts": 0}
         self._queue: deque[dict] = deque()
-        self._rollout_model = None  # the full copy used for sampling under FSDP
 
     # -- resumable state -----------------------------------------------------------
 
@@ -213,34 +255,32 @@ class RolloutBatches:
         return out
 
     def _sampler(self, rnd: int) -> torch.Generator:
-        dev = self._policy_for_sampling().embed_tokens.weight.device
+        dev = unwrap(self.state.model).embed_tokens.weight.device
         seed = (self.g.seed * 1_000_003 + self.stats["rollouts"] * 10_007 + self.world.rank * 101 + rnd) % 2**63
         return torch.Generator(device=dev).manual_seed(seed)
 
-    def _policy_for_sampling(self):
-        model = self.state.model
+    def _policy(self):
+        """The training policy itself: sharded under FSDP (its forward gathers each block in
+        turn); DDP's replica without the wrapper, whose forward would broadcast buffers."""
+        return self.state.model if self.fsdp else unwrap(self.state.model)
+
+    def fingerprint(self) -> int:
+        """An integer that changes when any bit of the policy's weights changes (anychip.guards.sdc),
+        summed over the ranks' shards under FSDP; below 2**52, so that a float keeps it exactly."""
+        # state_dict, not parameters(): after a forward without backward FSDP2 leaves the root's
+        # parameters gathered; its state_dict hook puts the shards back first
+        value = fingerprint(unwrap(self.state.model).state_dict(keep_vars=True).values())
         if self.fsdp:
-            return self._rollout_model
-        return unwrap(model)
+            value = int(all_reduce_sum(torch.tensor([value], dtype=torch.int64), self.world)[0])
+        return value % (1 << 52)
 
-    def _sync_rollout_model(self) -> None:
-        if not self.fsdp:
-            return
-        full = full_state_dict(self.state.model, self.world)
-        if self._rollout_model is None:
-            core = unwrap(self.state.model)
-            self._rollout_model = DeepSeekV3(core.args).to(full["embed_tokens.weight"].device)
-            self._rollout_model.materialize_counters()
-        self._rollout_model.load_state_dict(full)
-
-    def _sample(self, examples: list[Example], rnd: int) -> tuple[list[list[int]], list[list[int]], list[Completion]]:
+    def _sample(
+        self, examples: list[Example], rnd: int
+    ) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[Completion]]:
         g, tok = self.g, self.tokenizer
         prompts = [[tok.bos_id, *tok.encode(ex.prompt)] for ex in examples for _ in range(g.group_size)]
-        policy = self._policy_for_sampling()
-        was_training = policy.training
-        policy.eval()
-        try:
-            outs = generate(
+        with evaluating(self._policy()) as policy, autocast(self.state.device, self.amp):
+            outs, logps = generate(
                 policy,
                 prompts,
                 g.max_new_tokens,
@@ -253,42 +293,39 @@ class RolloutBatches:
                 generator=self._sampler(rnd),
                 vocab_size=tok.vocab_size,
                 suppress=never_generated(tok),
+                lockstep=self.world if self.fsdp else None,
+                logprobs=True,
             )
-        finally:
-            policy.train(was_training)
+        if sharded(policy):  # a forward without backward leaves the root's parameters gathered
+            policy.reshard()
         completions = []
         for out in outs:
             ended = bool(out) and (out[-1] == tok.eos_id or out[-len(self.stop[0]) :] == self.stop[0])
             text = tok.decode([t for t in out if t != tok.eos_id])
             completions.append(Completion(text, len(out), truncated=not ended))
-        return prompts, outs, completions
+        return prompts, outs, logps, completions
+
+    def _short_anywhere(self, short: bool) -> bool:
+        """Whether this rank (or, sampling in lockstep, any rank) still needs groups."""
+        if not self.fsdp:
+            return short
+        return bool(all_reduce_sum(torch.tensor([float(short)]), self.world)[0] > 0)
 
     def _rollout(self) -> list[dict]:
         g, world = self.g, self.world
         t0 = time.perf_counter()
-        self._sync_rollout_model()
+        if not self._amp_known:
+            self.amp, self._amp_known = update_autocast(self.state), True
+        weights = self.fingerprint()  # nothing can be stale: this is what the rollout samples with
         want = g.prompts_per_step // world.world_size
         kept: list[Row] = []
         seen = Tally(parts=dict.fromkeys(self.rewards.weights, 0.0))
         rnd = 0
         spare: list[Row] = []  # all-equal groups, used only if the rounds run out
-        while len(kept) < want * g.group_size:
-            need = want - len(kept) // g.group_size
-            examples = self._prompts(need)
-            prompts, outs, completions = self._sample(examples, rnd)
-            expanded = [ex for ex in examples for _ in range(g.group_size)]
-            total, parts = self.rewards(expanded, completions)
-            seen.count(total, parts, self.rewards.correct(expanded, completions, parts), completions, outs, prompts)
-            rows = [Row(*fields) for fields in zip(expanded, prompts, outs, completions, total)]
-            for i in range(need):
-                group = rows[i * g.group_size : (i + 1) * g.group_size]
-                seen.groups += 1
-                rewards = [r.reward for r in group]
-                if g.dynamic_sampling and max(rewards) == min(rewards):
-                    seen.dropped += 1
-                    spare.extend(group)
-                    continue
-                kept.extend(group)
+        while self._short_anywhere(len(kept) < want * g.group_size):
+            # sampling in lockstep, a rank that has its groups draws none but joins every forward
+            examples = self._prompts(want - len(kept) // g.group_size)
+            self._score(examples, self._sample(examples, rnd), seen, kept, spare)
             rnd += 1
             if not g.dynamic_sampling or rnd >= g.max_sampling_rounds:
                 break
@@ -299,8 +336,30 @@ class RolloutBatches:
         self.stats["rollouts"] += 1
         batch = self._tensors(kept)
         seen.forward_tokens = batch.pop("forward_tokens")
-        batch["rollout"] = RolloutFigures.of(seen, self.world, self.g.dynamic_sampling, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        batch["rollout"] = RolloutFigures.of(seen, self.world, self.g.dynamic_sampling, seconds, weights)
         return self._split(batch)
+
+    def _score(self, examples: list[Example], sampled, seen: Tally, kept: list[Row], spare: list[Row]) -> None:
+        """Reward one round's groups; keep those with a signal (all, without dynamic sampling),
+        the all-equal ones in ``spare``."""
+        if not examples:
+            return
+        g = self.g
+        prompts, outs, logps, completions = sampled
+        expanded = [ex for ex in examples for _ in range(g.group_size)]
+        total, parts = self.rewards(expanded, completions)
+        seen.count(total, parts, self.rewards.correct(expanded, completions, parts), completions, outs, prompts)
+        rows = [Row(*fields) for fields in zip(expanded, prompts, outs, logps, completions, total)]
+        for i in range(len(examples)):
+            group = rows[i * g.group_size : (i + 1) * g.group_size]
+            seen.groups += 1
+            rewards = [r.reward for r in group]
+            if g.dynamic_sampling and max(rewards) == min(rewards):
+                seen.dropped += 1
+                spare.extend(group)
+                continue
+            kept.extend(group)
 
     def _tensors(self, rows: list[Row]) -> dict:
         g, tok, world = self.g, self.tokenizer, self.world
@@ -323,19 +382,30 @@ class RolloutBatches:
             if not (g.overlong_filter and row.scored.truncated):
                 mask[i, len(row.prompt) - 1 : len(s) - 1] = 1.0  # positions that predict completion tokens
         labels = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE))
-        batch = {"input_ids": ids, "labels": labels, "mask": mask, "advantages": adv}
+        sampler_logp = torch.zeros(len(rows), width)
+        for i, row in enumerate(rows):
+            sampler_logp[i, len(row.prompt) - 1 : len(row.prompt) - 1 + len(row.logp)] = torch.tensor(row.logp)
+        batch = {"input_ids": ids, "labels": labels, "mask": mask, "advantages": adv, "sampler_logp": sampler_logp}
         dev = unwrap(self.state.model).embed_tokens.weight.device
-        micro = self.micro_batch or ids.shape[0]
+        ids, targets = ids.to(dev), targets.to(dev)
         if updates_per_rollout(g) > 1:  # the policy moves between updates: keep the sampling policy's
-            policy = self._policy_for_sampling()
-            policy.eval()
-            batch["old_logp"] = token_logprobs(policy, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
-            policy.train()
+            batch["old_logp"] = self._logprobs(self._policy(), ids, targets)
         if self.state.ref_model is not None and g.beta:
-            ref = self.state.ref_model
-            batch["ref_logp"] = token_logprobs(ref, ids.to(dev), targets.to(dev), micro, g.temperature).cpu()
+            batch["ref_logp"] = self._logprobs(self.state.ref_model, ids, targets)
         batch["forward_tokens"] = ids.numel() * (("old_logp" in batch) + ("ref_logp" in batch))
         return batch
+
+    def _logprobs(self, model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``model``'s log-probs of ``targets`` as the update computes the policy's: its forward
+        under the same autocast, on the same rows at once (train.micro_batch of each of the
+        grpo.minibatches minibatches; the rollout's padded width), in eval mode (same values)."""
+        per = ids.shape[0] // self.g.minibatches
+        micro = self.micro_batch or per  # the config checked that it divides a minibatch
+        with evaluating(model):
+            logp = token_logprobs(Forward(model, self.state.device, self.amp), ids, targets, micro, self.g.temperature)
+        if sharded(model):  # a forward without backward leaves the root's parameters gathered
+            model.reshard()
+        return logp.cpu()
 
     def _split(self, batch: dict) -> list[dict]:
         """grpo.iterations passes over grpo.minibatches contiguous minibatches (whole groups)."""
@@ -363,5 +433,24 @@ class ReferenceResets:
 
     @torch.no_grad()
     def reset(self, step: int) -> None:
-        self.ref_model.load_state_dict(full_state_dict(self.model, self.world))
+        copy_weights(self.model, self.ref_model)
         self.log.event("reference_reset", step=step)
+
+
+@torch.no_grad()
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy every parameter and persistent buffer (the MoE balancing bias) of ``src`` into
+    ``dst``, tensor by tensor: local shard to local shard when both are sharded alike (FSDP2);
+    into a whole ``dst`` from a sharded ``src`` one gathered tensor at a time. Raises
+    ValueError when their names differ."""
+    # state_dict, not parameters(): after a forward without backward FSDP2 leaves the root's
+    # parameters gathered in place of the shards; its state_dict hook puts the shards back first
+    have, want = unwrap(src).state_dict(keep_vars=True), unwrap(dst).state_dict(keep_vars=True)
+    if have.keys() != want.keys():
+        raise ValueError(f"copy_weights: the models' tensors differ: {sorted(have.keys() ^ want.keys())[:5]}")
+    for name, q in want.items():
+        p = have[name]
+        if hasattr(q, "to_local"):
+            q.to_local().copy_(p.to_local())
+        else:
+            q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)

@@ -72,8 +72,9 @@ def per_token_loss(
     ref_logp: torch.Tensor | None = None,
     level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped surrogate (plus beta x k3 KL) per token [B, T], and per-token indicators
-    for the statistics (``kl``, ``clip_low``, ``clip_high``; masked sums are the caller's)."""
+    """The clipped surrogate (plus beta x k3 KL) per token [B, T], and per-token figures for
+    the statistics (``kl``, ``clip_low``, ``clip_high``, the importance ``ratio``; masked
+    sums are the caller's)."""
     if level not in LEVELS:
         raise ValueError(f"importance-ratio level {level!r} is not one of {LEVELS}")
     mask = mask.to(logp.dtype)
@@ -87,6 +88,7 @@ def per_token_loss(
     stats = {
         "clip_low": ((ratio < 1 - eps_low) & (adv < 0)).expand_as(logp).to(logp.dtype).detach(),
         "clip_high": ((ratio > 1 + eps_high) & (adv > 0)).expand_as(logp).to(logp.dtype).detach(),
+        "ratio": ratio.expand_as(logp).detach(),
     }
     if beta:
         if ref_logp is None:
@@ -141,7 +143,8 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one whole batch and its statistics: ``kl`` (token mean, when reference
     log-probs are given), ``clip_low``, ``clip_high`` (token means; with GSPO's
-    sequence-level ratio, the share of sequences) and ``clip_fraction`` (their sum)."""
+    sequence-level ratio, the share of sequences), ``clip_fraction`` (their sum) and
+    ``ratio`` (the importance ratio's mean, over tokens or sequences alike)."""
     token_loss, per_token = per_token_loss(
         logp,
         old_logp,
@@ -158,6 +161,6 @@ def policy_loss(
     n = m.sum().clamp(min=1.0)
     stats = {k: float((v * m).sum() / n) for k, v in per_token.items()}
     if level == "sequence":  # one ratio per sequence: the share of sequences clipped
-        stats.update({k: float(per_token[k][:, 0].mean()) for k in ("clip_low", "clip_high")})
+        stats.update({k: float(per_token[k][:, 0].mean()) for k in ("clip_low", "clip_high", "ratio")})
     stats["clip_fraction"] = stats["clip_low"] + stats["clip_high"]
     return loss, stats

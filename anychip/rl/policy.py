@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..models import ModelArgs, training_flops_per_token
 from ..train.step import Objective, Part, Work
-from .losses import normalise, per_token_loss
+from .losses import k3_kl, normalise, per_token_loss
 
 if TYPE_CHECKING:  # the [grpo] section's type only: rl does not depend on the config module
     from ..config import GRPOConfig
@@ -26,8 +26,9 @@ def log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 class PolicyLoss(Objective):
     """One minibatch of a rollout: rows of prompt + completion with ``labels`` (completion
-    tokens, else -100), ``mask``, ``advantages``, optionally ``old_logp`` and ``ref_logp``,
-    and the rollout's figures (``rollout``, logged with every update made from it)."""
+    tokens, else -100), ``mask``, ``advantages``, optionally ``old_logp``, ``ref_logp`` and
+    ``sampler_logp`` (the sampler's own log-probs of the completion tokens), and the
+    rollout's figures (``rollout``, logged with every update made from it)."""
 
     def __init__(self, g: GRPOConfig, args: ModelArgs):
         self.g = g
@@ -65,19 +66,24 @@ class PolicyLoss(Objective):
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             if g.importance == "sequence":  # one ratio per sequence: count sequences
-                clip_low = per_tok["clip_low"][:, 0].sum().item()
-                clip_high = per_tok["clip_high"][:, 0].sum().item()
+                ratio_sums = {k: per_tok[k][:, 0].sum() for k in ("clip_low", "clip_high", "ratio")}
+                ratio_sums["ratio_dev"] = (per_tok["ratio"][:, 0] - 1).abs().sum()
             else:
-                clip_low = (per_tok["clip_low"] * m).sum().item()
-                clip_high = (per_tok["clip_high"] * m).sum().item()
+                ratio_sums = {k: (per_tok[k] * m).sum() for k in ("clip_low", "clip_high", "ratio")}
+                ratio_sums["ratio_dev"] = ((per_tok["ratio"] - 1).abs() * m).sum()
+            # the trainer's log-probs under the weights the rollout was sampled with: the old
+            # policy's, or (one update per rollout) this very update's
+            sampler = micro.get("sampler_logp")
+            sampler_kl = (k3_kl(sampler, old) * m).sum() if sampler is not None else m.new_zeros(())
             sums = {
-                "loss": loss.item(),
-                "kl": (per_tok["kl"] * m).sum().item() if "kl" in per_tok else 0.0,
-                "clip_low": clip_low,
-                "clip_high": clip_high,
-                "entropy": (entropy * m).sum().item(),
-                "masked": m.sum().item(),
+                "loss": loss.detach(),
+                "kl": (per_tok["kl"] * m).sum() if "kl" in per_tok else m.new_zeros(()),
+                **ratio_sums,
+                "sampler_kl": sampler_kl,
+                "entropy": (entropy * m).sum(),
+                "masked": m.sum(),
             }
+            sums = dict(zip(sums, torch.stack([v.to(torch.float64) for v in sums.values()]).tolist()))  # one host read
         return Part(loss, sums)
 
     def figures(self, sums: dict[str, float], counts: dict[str, float], batch: dict) -> dict[str, float]:
@@ -89,6 +95,9 @@ class PolicyLoss(Objective):
             "clip_low": sums["clip_low"] / n_clip,
             "clip_high": sums["clip_high"] / n_clip,
             "clip_fraction": (sums["clip_low"] + sums["clip_high"]) / n_clip,
+            "ratio_mean": sums["ratio"] / n_clip,
+            "ratio_dev": sums["ratio_dev"] / n_clip,  # mean |ratio - 1|: a sum adds up over ranks, a max would not
+            "sampler_kl": sums["sampler_kl"] / n,
             "entropy": sums["entropy"] / n,
             "tokens": int(counts["tokens"]),
             **batch["rollout"].metrics(),

@@ -9,21 +9,10 @@ from rich.markup import escape
 
 from ..config import EvalConfig
 from ..eval import evaluate, reduce_result, shard
-from ..models import DeepSeekV3, save_hf
-from ..parallel import full_state_dict, unwrap
+from ..generate import sharded
+from ..models import save_hf
+from ..parallel import unwrap
 from .hooks import TrainState
-
-
-def full_model(state: TrainState) -> DeepSeekV3:
-    """A plain (unsharded) copy of the model on every rank, for evaluation."""
-    model, world = state.model, state.world
-    core = unwrap(model)
-    if not world.distributed:
-        return core
-    plain = DeepSeekV3(core.args).to(state.device.torch_device(world.local_rank))
-    plain.load_state_dict(full_state_dict(model, world))
-    plain.materialize_counters()
-    return plain
 
 
 def finish(state: TrainState, e: EvalConfig, heldout, train_time: float) -> None:
@@ -36,8 +25,11 @@ def finish(state: TrainState, e: EvalConfig, heldout, train_time: float) -> None
     result = None
     if heldout is not None and e.n:
         examples = shard([heldout.example(i) for i in range(min(e.n, len(heldout)))], world.rank, world.world_size)
-        final = full_model(state)
-        result = reduce_result(evaluate(final, state.tokenizer, examples, e.max_new_tokens, e.batch_size), world)
+        # the model itself: sharded (FSDP2), the ranks decode in lockstep; a DDP replica is whole
+        model = unwrap(state.model)
+        lockstep = world if sharded(model) else None
+        result = evaluate(model, state.tokenizer, examples, e.max_new_tokens, e.batch_size, lockstep=lockstep)
+        result = reduce_result(result, world)
         state.eval = result
         log.print(
             f"held-out accuracy: {result.accuracy:.1%} ({result.correct:g}/{result.n}; exactly right: "
