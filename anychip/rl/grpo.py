@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,18 +44,13 @@ from ..eval import never_generated
 from ..generate import generate, sharded
 from ..guards.sdc import fingerprint
 from ..parallel import World, all_reduce_sum, all_reduce_sums, unwrap
-from ..train.step import Forward, autocast, autocast_dtype
+from ..train.step import Forward, autocast
 from .losses import group_advantages
 from .policy import log_softmax
 from .rewards import Completion, Rewards
 
 if TYPE_CHECKING:  # the [grpo] section's type only: rl does not depend on the config module
     from ..config import GRPOConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 STOP = "</answer>"
 IGNORE = -100
@@ -193,28 +187,19 @@ def evaluating(model):
         model.train(was_training)
 
 
-def update_autocast(state) -> torch.dtype | None:
-    """The update's autocast dtype (``train.dtype``), read from the run's resolved config that
-    the checkpointer keeps: for a RolloutBatches that was not given it."""
-    run = getattr(state.checkpointer, "run", None)
-    dtype = tomllib.loads(run.config_toml).get("train", {}).get("dtype", "auto") if run is not None else "float32"
-    return autocast_dtype(dtype, state.device)
-
-
 class RolloutBatches:
     """Minibatches of sampled, scored completions, one per optimizer update; resumable at
     rollout boundaries (``state_dict``), which is where checkpoints fall."""
 
-    def __init__(self, g: GRPOConfig, micro_batch: int, fsdp: bool, state, source, amp: torch.dtype | None = None):
+    def __init__(self, g: GRPOConfig, micro_batch: int, fsdp: bool, state, source, amp: torch.dtype | None):
         """``micro_batch``: rows per forward of the update (0: a whole minibatch); ``fsdp``:
         the policy is sharded (its forwards are collectives); ``amp``: the update's autocast
-        dtype (None: the run's ``train.dtype``, found when the first rollout starts)."""
+        dtype (None: float32)."""
         self.state = state
         self.g = g
         self.micro_batch = micro_batch
         self.fsdp = fsdp and state.world.distributed  # the ranks sample in lockstep
         self.amp = amp
-        self._amp_known = amp is not None
         self.source = source
         self.tokenizer = state.tokenizer
         self.world: World = state.world
@@ -314,8 +299,6 @@ class RolloutBatches:
     def _rollout(self) -> list[dict]:
         g, world = self.g, self.world
         t0 = time.perf_counter()
-        if not self._amp_known:
-            self.amp, self._amp_known = update_autocast(self.state), True
         weights = self.fingerprint()  # nothing can be stale: this is what the rollout samples with
         want = g.prompts_per_step // world.world_size
         kept: list[Row] = []

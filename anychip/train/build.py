@@ -128,7 +128,7 @@ def build(
     if rl:
         fsdp = cfg.parallel.strategy == "fsdp"
         with input_error("grpo.rewards", cfg.grpo.rewards):  # imports the reward functions it names
-            state.data = RolloutBatches(cfg.grpo, t.micro_batch, fsdp, state, source)
+            state.data = RolloutBatches(cfg.grpo, t.micro_batch, fsdp, state, source, amp)
     _log_start(cfg, state, generation)
 
     core = unwrap(model)
