@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from sharded_memory import BIG  # noqa: E402 (the model of both benches)
+
 COMMON = [
     "train.steps=1",
     "train.global_batch=1",
@@ -41,15 +44,7 @@ COMMON = [
 ]
 MODELS = {
     "debug": ["model.preset=debug"],
-    "401M": [
-        "model.preset=v2-lite",
-        "model.hidden_size=1024",
-        "model.num_hidden_layers=10",
-        "model.n_routed_experts=16",
-        "model.moe_intermediate_size=512",
-        "model.vocab_size=16384",
-        "model.num_nextn_predict_layers=0",
-    ],
+    "401M": BIG,
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
