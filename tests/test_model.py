@@ -125,10 +125,17 @@ def _imbalance(load: torch.Tensor) -> float:
 def test_balancing_bias_moves_skewed_load_toward_uniform():
     args = make_args(n_group=1, topk_group=1, first_k_dense_replace=2, num_hidden_layers=3)
     model = make_model(args, bias_std=0.0).train()
-    with torch.no_grad():  # experts 0 and 1 win almost every token
-        model.layers[2].mlp.gate.weight[:2] += 0.3 * torch.randn(args.hidden_size).sign()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (8, 32), generator=gen) for _ in range(4)]
+    gate = model.layers[2].mlp.gate
+    seen = []
+    hook = gate.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        model(batches[0])
+    hook.remove()
+    toward = torch.cat(seen).mean(0)
+    with torch.no_grad():  # experts 0 and 1 point along the tokens' mean: they win most tokens
+        gate.weight[:2] += toward / toward.norm()
 
     def load_now():
         model.zero_grad()
@@ -148,7 +155,7 @@ def test_balancing_bias_moves_skewed_load_toward_uniform():
         model.update_balancing_bias(speed=0.01)
     after = load_now()
     assert _imbalance(after) < 1.4 and _imbalance(after) < 0.6 * _imbalance(before)
-    bias = model.layers[2].mlp.gate.e_score_correction_bias
+    bias = gate.e_score_correction_bias
     assert bias[:2].max() < 0 < bias[2:].max()  # the overloaded experts were pushed down
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())  # no weight moved
 
