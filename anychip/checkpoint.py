@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -49,12 +50,14 @@ from .dcp_reader import safe_load
 from .errors import CheckpointError
 from .models.deepseek.args import SHAPE_FREE
 from .parallel import unwrap
+from .runfiles import RUN_OWNED, make_dir, refuse_links, remove_dir
 
 # one process without a process group is a supported case, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 PREFIX = "step_"
 TMP = ".tmp"
+UNCOMMITTED = re.compile(rf"{PREFIX}\d+{re.escape(TMP)}")  # the only names cleanup deletes: saves cut short
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -65,8 +68,33 @@ def committed(root: Path) -> list[Path]:
     """Committed checkpoint directories, newest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    dirs = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
+
+
+def saved_config(root: Path) -> Path | None:
+    """The ``config.toml`` of the newest committed checkpoint under ``root`` that records one: the
+    config the checkpoint was saved with; None when there is none. CheckpointError when that file
+    is not it (its digest differs from the one ``meta.json`` records)."""
+    for d in committed(root):
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            text = (d / "config.toml").read_text()
+        except (OSError, ValueError):
+            continue  # unreadable: loading sets it aside and tries the one before
+        recorded = meta.get("config_digest") if isinstance(meta, dict) else None
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]  # Config.digest: the SHA-256 of its TOML
+        if digest != recorded:
+            raise CheckpointError(
+                f"{d / 'config.toml'} is not the config this checkpoint was saved with (its digest is {digest}, "
+                f"{d / 'meta.json'} records {recorded!r}): edited after the save"
+            )
+        return d / "config.toml"
+    return None
 
 
 def _digest(path: Path) -> str:
@@ -194,11 +222,16 @@ class Checkpointer:
     # -- save ------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Remove leftovers of saves that never committed (rank 0, at start)."""
+        """Remove leftovers of saves that never committed (rank 0, at start): directories named
+        ``step_<digits>.tmp``, nothing else. First, UnsafePath (naming it) when the checkpoint
+        directory, or another path the run keeps (runfiles.RUN_OWNED: final/, heartbeat/, ...),
+        is a symbolic link: what it points to is not the run's to delete, load or replace."""
+        if self.world.is_main:
+            refuse_links(self.root.parent, (*RUN_OWNED, self.root.name))
         if self.world.is_main and self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.endswith(TMP):
-                    shutil.rmtree(p, ignore_errors=True)
+            for p in sorted(self.root.iterdir()):
+                if UNCOMMITTED.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                    remove_dir(self.root.parent, Path(self.root.name, p.name))
                     self.log.event("checkpoint_cleanup", path=str(p))
         if self.world.distributed:
             dist.barrier()
@@ -214,9 +247,9 @@ class Checkpointer:
         tmp = self.root / f"{PREFIX}{step:08d}{TMP}"
 
         def prepare_directory():
-            if self.world.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+            if self.world.is_main:  # in the run directory, following no link (runfiles)
+                remove_dir(self.root.parent, Path(self.root.name, tmp.name))
+                make_dir(self.root.parent, Path(self.root.name, tmp.name))
 
         def check_finite():
             bad = _nonfinite(self.state.model, self.state.optimizer)
@@ -344,8 +377,7 @@ class Checkpointer:
             if self.world.is_main:
                 write_manifest(tmp)
                 final = step_dir(self.root, step)
-                if final.exists():
-                    shutil.rmtree(final)
+                remove_dir(self.root.parent, Path(self.root.name, final.name))  # the same step saved before
                 tmp.rename(final)
                 _fsync_dir(self.root)
                 size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
@@ -376,7 +408,8 @@ class Checkpointer:
             f"[yellow]warning: checkpoint of step {step} failed ({escape(str(error))}); training goes on[/yellow]"
         )
         if self.world.is_main:
-            shutil.rmtree(self.root / f"{PREFIX}{step:08d}{TMP}", ignore_errors=True)
+            with contextlib.suppress(OSError, ValueError):  # ValueError: UnsafePath, a link is left alone
+                remove_dir(self.root.parent, Path(self.root.name, f"{PREFIX}{step:08d}{TMP}"))
 
     def _retire(self) -> None:
         """Keep the newest ``checkpoint.keep`` and every ``keep_every``-th step."""

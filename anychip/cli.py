@@ -19,6 +19,7 @@ from .launcher_env import LAUNCHER_PID, POOL, PREEMPTED
 from .pools.launch import CONFIG as POOLS_CONFIG
 from .pools.launch import LIGHTHOUSE_ENV
 from .rundir import RunLock, check_new_run, new_default_run_dir, resume_changes
+from .runfiles import remove_file, write_file
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -51,14 +52,22 @@ def _train(a: argparse.Namespace) -> int:
         if not config.is_file():
             raise FileNotFoundError(f"--resume {a.resume}: no config.toml there (not a run directory)")
     cfg = load_config(config, sets, embedded=embedded)
-    if a.resume is not None:
-        changed = resume_changes(load_config(config, check_inputs=False).to_dict(), cfg.to_dict())
+    if a.resume is not None:  # against the config the checkpoint to resume was saved with, not the editable file
+        from .checkpoint import saved_config
+        from .pools.launch import pool_dir
+
+        roots = [a.resume / "checkpoints", pool_dir(a.resume, 0) / "checkpoints"]
+        saved = next((c for c in map(saved_config, roots) if c is not None), None)
+        against = f"the config of its checkpoint, {saved}" if saved else f"{config} (no checkpoint yet: step 0 again)"
+        changed = resume_changes(load_config(saved or config, check_inputs=False).to_dict(), cfg.to_dict())
         if changed:
             raise ConfigError(
                 f"--resume {a.resume}: a resume may change steps, lr, batch, world size, device, guards, "
-                f"checkpoints, evaluation and logging only; these differ from the run's config: {'; '.join(changed)}. "
+                f"checkpoints, evaluation and logging only; these differ from {against}: {'; '.join(changed)}. "
                 "Start a new run (--init to start from this one's model) instead"
             )
+        if saved is None:
+            print(f"anychip: --resume {a.resume}: no checkpoint yet; compared with {config}", file=sys.stderr)
     if a.print_config:
         print(cfg.to_toml(), end="")
         return 0
@@ -99,9 +108,9 @@ def launch_workers(cfg, run_dir: Path) -> int:
     from .guards.watchdog import WATCHED_BY_LAUNCHER, ChildWatcher
 
     fatal = run_dir / FATAL
-    fatal.unlink(missing_ok=True)  # a new launch (e.g. --resume after a fix) tries again
-    config_file = run_dir / "launch.toml"  # the workers write config.toml once it fits the checkpoint
-    config_file.write_text(cfg.to_toml())
+    remove_file(run_dir, FATAL)  # a new launch (e.g. --resume after a fix) tries again
+    # the workers write config.toml once it fits the checkpoint
+    config_file = write_file(run_dir, "launch.toml", cfg.to_toml())
     p = cfg.parallel
     # what torchrun does, sized to the machine: N workers that each start one OpenMP thread per
     # core oversubscribe the cores; measured on 2 cores with 2 workers, steps took 1.7x as long,

@@ -40,8 +40,9 @@ def append_line(path: Path, line: str) -> None:
 
 def open_append(path: Path) -> TextIO:
     """``path`` opened for appending text, created if missing; a line cut short by a crash at its end is
-    ended first. For a file that only this process appends to (a cut can only come from an earlier one)."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    ended first. For a file that only this process appends to (a cut can only come from an earlier one).
+    A symbolic link at ``path`` is not followed (OSError ELOOP): its target is not the run's to write."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         if _ends_cut(fd):
             os.write(fd, b"\n")

@@ -18,7 +18,8 @@ from pathlib import Path
 from .config import load_config
 from .errors import UNRECOVERABLE, ConfigError
 from .launcher_env import GENERATION, LAUNCHER_PID, PREEMPTED
-from .rundir import RunLock, RunLocked, new_default_run_dir
+from .rundir import RunLock, new_default_run_dir
+from .runfiles import open_file, remove_file, write_file
 
 FATAL = "fatal.json"  # written by a worker that stopped for a reason a restart cannot fix
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get(LAUNCHER_PID) and int(os.environ.get("RANK", "0")) == 0:
         try:  # plain torchrun: rank 0 holds the run directory for the job
             lock = RunLock(run_dir).acquire()
-        except RunLocked as e:
+        except ConfigError as e:  # RunLocked, or runfiles.UnsafePath: a link where the run writes
             print(f"anychip: {e}", file=sys.stderr)  # another job's directory: write nothing there
             return 2
     stacks = early_stacks(run_dir)
@@ -107,10 +108,9 @@ def early_stacks(run_dir: Path) -> Path | None:
     import signal
 
     path = run_dir / "stacks" / f"rank{os.environ.get('RANK', '0')}-{os.getpid()}.txt"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "w")  # noqa: SIM115 (kept open for the life of the process, like faulthandler's)
-    except OSError:
+    try:  # kept open for the life of the process, like faulthandler's; following no link (runfiles)
+        f = open_file(run_dir, path.relative_to(run_dir))
+    except (OSError, ConfigError):
         return None
     faulthandler.register(signal.SIGUSR1, file=f, all_threads=True, chain=False)
     return path
@@ -125,7 +125,7 @@ def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int
 
     try:
         if attempt == 0 and int(os.environ.get("RANK", "0")) == 0:
-            fatal.unlink(missing_ok=True)  # a new launch tries again
+            remove_file(run_dir, FATAL)  # a new launch tries again
         cfg = load_config(a.config, a.sets)
         generation, failed_at = int(os.environ.get(GENERATION, "0")), None  # > 0: started alone to join peers
         while True:
@@ -147,9 +147,9 @@ def _run(a: argparse.Namespace, run_dir: Path, fatal: Path, attempt: int) -> int
     except UNRECOVERABLE as e:
         print(f"anychip: {e}", file=sys.stderr)  # a clear message, not a traceback
         if a.run_dir or os.environ.get("TORCHELASTIC_RUN_ID"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ConfigError):  # ConfigError: runfiles.UnsafePath, a link there
                 run_dir.mkdir(parents=True, exist_ok=True)
-                fatal.write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+                write_file(run_dir, FATAL, json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 2
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .runfiles import refuse_links
 
 LOCK = ".lock"
 # keys a resume may change: how long and how fast to train, on how many devices, how to
@@ -59,8 +60,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Also refuses (UnsafePath, naming it) a directory where a path anychip keeps is a symbolic
+        link: the holder is about to write there."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        refuse_links(self.run_dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,19 +116,31 @@ def new_default_run_dir(root: str | Path = "runs") -> Path:
     raise ConfigError(f"{root}: no free run directory name for {stamp}")
 
 
+# what a directory holds when it holds a run: a new run there would overwrite or mix with it
+RUN_MARKS = ("config.toml", "events.jsonl", "final", "checkpoints")
+
+
 def existing_run(run_dir: str | Path) -> str | None:
-    """What ``run_dir`` already holds of a run (its checkpoints), None when nothing."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted(int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step_") and p.name[5:].isdigit())
-    if not steps:
-        return None
-    return f"{len(steps)} checkpoint(s), the newest of step {steps[-1]}"
+    """What ``run_dir`` already holds of a run (any of RUN_MARKS, a link too), None when nothing."""
+    run_dir = Path(run_dir)
+    held = []
+    for name in RUN_MARKS:
+        path = run_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        shown = f"{name}/" if path.is_dir() else name
+        if name == "checkpoints" and path.is_dir() and not path.is_symlink():
+            steps = sorted(
+                int(p.name[5:]) for p in path.iterdir() if p.name.startswith("step_") and p.name[5:].isdigit()
+            )
+            if steps:
+                shown = f"{len(steps)} checkpoint(s), the newest of step {steps[-1]}"
+        held.append(shown)
+    return ", ".join(held) or None
 
 
 def check_new_run(run_dir: str | Path) -> None:
-    """Refuse to start a new run in a directory that holds another run's checkpoints."""
+    """Refuse to start a new run in a directory that holds a run (see RUN_MARKS), naming what it holds."""
     held = existing_run(run_dir)
     if held:
         raise ConfigError(

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runfiles import open_file, write_file
 from .watchdog import DONE, PULSE_S, WATCHED_BY_LAUNCHER, process_start
 
 
@@ -43,11 +44,11 @@ class Heartbeat:
     def __init__(self, run_dir: Path, rank: int, guards_cfg, long_step: Callable[[int], bool]):
         self.cfg = guards_cfg
         self.long_step = long_step  # steps that end with a checkpoint or a held-out loss
-        self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        stacks = Path(run_dir) / "stacks" / f"rank{rank}-{os.getpid()}.txt"
-        stacks.parent.mkdir(parents=True, exist_ok=True)
-        self._stacks = open(stacks, "w")
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "heartbeat" / f"rank{rank}.json"
+        stacks = self.run_dir / "stacks" / f"rank{rank}-{os.getpid()}.txt"
+        self._stacks_path = stacks
+        self._stacks = open_file(self.run_dir, stacks.relative_to(self.run_dir))  # following no link (runfiles)
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True, chain=False)
         self.step_times: deque[float] = deque(maxlen=50)
         self._last = None
@@ -80,7 +81,6 @@ class Heartbeat:
         self.beat(-1, phase, None)
 
     def beat(self, step: int, phase: str, timeout_s: float | None) -> None:
-        tmp = self.path.with_suffix(".tmp")
         record = {
             "step": step,
             "phase": phase,
@@ -90,8 +90,9 @@ class Heartbeat:
             "pid": os.getpid(),
             "start": self._start,
         }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        # a new temporary, renamed over the beat, following no link (runfiles); not fsynced: a beat
+        # matters only while this machine is up
+        write_file(self.run_dir, self.path.relative_to(self.run_dir), json.dumps(record), durable=False)
 
     def _step_timeout(self, next_step: int) -> float:
         # no step timing yet, a save or a held-out loss (the finish is unwatched)
@@ -125,7 +126,7 @@ class Heartbeat:
             self.process.terminate()
             self.process.wait(timeout=10)
         faulthandler.unregister(signal.SIGUSR1)
-        name = self._stacks.name
+        name = self._stacks_path
         self._stacks.close()
         if os.path.getsize(name) == 0:
             os.remove(name)

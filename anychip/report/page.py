@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..pools.timeline import Timeline, pool_dirs, timeline
+from ..runfiles import write_file
 from . import plots
 from .run import Run, load_run
 from .summary import fault_rows, overview
@@ -72,9 +73,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     else:
         text = render(load_run(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)  # a browser reloading the page never sees half of it
+    # a new temporary name, renamed over the page: a browser reloading it never sees half of it, and
+    # a link in the run directory (report.html, or a planted temporary) is never written through
+    write_file(out.parent, out.name, text, durable=False)
     return out
 
 

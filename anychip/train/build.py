@@ -41,6 +41,7 @@ from ..parallel import World, all_gather_floats, parallelize, unwrap
 from ..pools.sync import NoPools, PoolSync, data_shard, pool_index
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
 from ..rl.policy import PolicyLoss
+from ..runfiles import write_file
 from ..snapshot import Snapshots
 from .hooks import Hooks, TrainState
 from .lm import NextTokenLoss
@@ -182,7 +183,7 @@ def build(
             "raise train.steps to continue"
         )
     if world.is_main:  # written once the config is known to fit the checkpoint
-        (run_dir / "config.toml").write_text(identity.config_toml)
+        write_file(run_dir, "config.toml", identity.config_toml)  # following no link (runfiles)
     if state.step:
         log.print(f"resumed from step {state.step}")
     if generation and failed_at is not None:  # every rank records its own (the ledger counts rank 0's)

@@ -12,6 +12,7 @@ from ..eval import evaluate, reduce_result, shard
 from ..generate import sharded
 from ..models import save_hf
 from ..parallel import unwrap
+from ..runfiles import write_file
 from .hooks import TrainState
 
 
@@ -47,7 +48,7 @@ def finish(state: TrainState, e: EvalConfig, heldout, train_time: float) -> None
                 "tasks": heldout.names,
                 "samples": result.samples,
             }
-            (state.run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            write_file(state.run_dir, "eval.json", json.dumps(report, indent=2))  # following no link
     log.event(
         "run_end",
         status="ok",
