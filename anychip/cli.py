@@ -75,8 +75,9 @@ def _train(a: argparse.Namespace) -> int:
     with RunLock(run_dir):  # before anything in the directory is touched; released however this ends
         if a.resume is None:
             check_new_run(run_dir)
-        from .snapshot import remove_run_snapshots
+        from .snapshot import SnapshotJob
 
+        snapshots = SnapshotJob(run_dir).start()  # the job's id, passed to its workers; dead jobs' removed
         try:
             if cfg.pools.count > 1 and POOL not in os.environ:  # this machine runs every pool
                 from .pools.launch import run_pools
@@ -89,7 +90,7 @@ def _train(a: argparse.Namespace) -> int:
                 return 0 if state.step == cfg.train.steps or state.preempted else 1
             return launch_workers(cfg, run_dir)
         finally:
-            remove_run_snapshots(run_dir)  # they serve restarts within this job only
+            snapshots.end()  # they serve restarts within this job only
 
 
 def launch_workers(cfg, run_dir: Path) -> int:

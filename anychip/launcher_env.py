@@ -7,3 +7,4 @@ ATTEMPT = "ANYCHIP_ATTEMPT"  # starts of every worker of the job (the store's pr
 GENERATION = "ANYCHIP_GENERATION"  # the generation a worker started alone joins (its peers restart in place)
 POOL = "ANYCHIP_POOL"  # the index of the pool this job is (a run of several pools: anychip/pools)
 POOL_ATTEMPT = "ANYCHIP_POOL_ATTEMPT"  # how many times the pool was started before (0: the run's first start)
+SNAPSHOT_JOB = "ANYCHIP_SNAPSHOT_JOB"  # the job's random id: names its snapshots in shared memory (anychip/snapshot.py)

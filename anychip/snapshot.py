@@ -1,14 +1,28 @@
 """Snapshots: each rank's training state in shared memory every few steps, so that a fault
 costs a step or two of work instead of a checkpoint interval.
 
-Where: ``/dev/shm/anychip-<user>-<run>/rank<r>/`` (the temp directory where there is no
+Where: ``/dev/shm/anychip-<user>-<job>/rank<r>/`` (the temp directory where there is no
 /dev/shm). Shared memory outlives the worker process: a worker restarted on the same host
 (a new interpreter after a kill or a hang, or the same process after an exception) maps
 it again, with no disk I/O either way. The elastic agent's memory is not reachable by its
 workers, and a copy on a replica would cost network bandwidth every step to cover only
 the loss of a whole host, which the disk checkpoint covers. Snapshots live for one job:
 the first start of a job clears its rank's directory, ``anychip train``'s launcher removes
-the run's directory when the job ends, and a run that ends normally removes its own.
+the job's directory when the job ends, and a run that ends normally removes its own.
+
+Whose: ``<job>`` is a random id drawn for each job (``secrets.token_hex``): by ``anychip
+train``'s launcher (``SnapshotJob``), which passes it to its workers in
+``$ANYCHIP_SNAPSHOT_JOB``; under plain torchrun by rank 0 at the job's first start, which
+sends it to every rank. Either records it in ``RUN_DIR/snapshots.id`` (0600), where rank 0 of
+a restart under plain torchrun reads it again. So a restart of the same job finds its
+snapshots, and nothing else does: not a new job in the same run directory, not a job of
+another container that shares this /dev/shm. The directories are created 0700 and the files
+0600; a directory that is a symlink, not this user's, or open to group or others is refused
+(a ``snapshot_refused`` event naming it and why; the run goes on without snapshots). Each
+slot's record names its job and a checksum of the bytes written (``sum64``), both checked
+before a restore. Every process of a live job holds a shared flock on the directory's
+``lock``; the start of any job on the host removes every ``anychip-<user>-*`` directory of
+this user whose lock nobody holds (the leftovers of a job killed with SIGKILL).
 
 Two slots, used in turn: a snapshot goes into the slot that does not hold the newest one.
 That slot's record (``slot<i>.json``) is deleted first, the tensors are copied into its
@@ -19,17 +33,21 @@ most two copies per rank exist, ever; their memory is reused from one snapshot t
 What: the rank's local shards of model state (parameters and buffers) and optimizer state,
 GRPO's reference policy, the RNG states, the data position and the step: what a checkpoint
 holds. A snapshot restores only on the layout that took it (world size, layout, device
-type, config digest); anything else falls back to the disk checkpoint.
+type, config digest) and in the job that took it; anything else falls back to the disk
+checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
-import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -37,18 +55,260 @@ from pathlib import Path
 
 import torch
 
+from .events import append_event
+from .launcher_env import SNAPSHOT_JOB
+
 ALIGN = 64
+JOB_FILE = "snapshots.id"  # in the run directory: the id of the job whose snapshots are in shared memory
+LOCK = "lock"  # in a job's directory: a shared flock held by every live process of the job
+LEGACY_AGE_S = 600.0  # a directory without a lock (an earlier anychip's) is a leftover once this old
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def run_root(run_dir: Path) -> Path:
-    """The shared-memory directory of ``run_dir``'s snapshots (all ranks on this host)."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    key = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-    return base / f"anychip-{getpass.getuser()}-{key}"
+class Refused(Exception):
+    """A shared-memory path that is not this user's alone: never read, never written."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
-def remove_run_snapshots(run_dir: Path) -> None:
-    shutil.rmtree(run_root(run_dir), ignore_errors=True)
+def shm_base() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def _prefix() -> str:
+    return f"anychip-{getpass.getuser()}-"
+
+
+def job_root(job: str) -> Path:
+    """The shared-memory directory of job ``job``'s snapshots (every rank of it on this host)."""
+    return shm_base() / f"{_prefix()}{job}"
+
+
+def new_job_id(run_dir: Path) -> str:
+    """A new random job id, recorded in ``run_dir/snapshots.id`` (0600, replaced atomically;
+    a symlink there is replaced, not followed)."""
+    job = secrets.token_hex(16)
+    path = Path(run_dir) / JOB_FILE
+    tmp = path.with_name(f"{JOB_FILE}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(job + "\n")
+    os.replace(tmp, path)
+    return job
+
+
+def recorded_job_id(run_dir: Path) -> str | None:
+    """The job id recorded in ``run_dir`` (None when there is none, or the file is not a
+    regular file of this user's holding one id)."""
+    try:
+        fd = os.open(Path(run_dir) / JOB_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        text = f.read(64).strip()
+    return text if _JOB_ID.fullmatch(text) else None
+
+
+def run_root(run_dir: Path) -> Path | None:
+    """The shared-memory directory of the job last recorded in ``run_dir`` (None: none recorded)."""
+    job = recorded_job_id(run_dir)
+    return job_root(job) if job else None
+
+
+def job_id(run_dir: Path, world, fresh: bool) -> str:
+    """The id of this job's snapshots, the same on every rank: the launcher's
+    (``$ANYCHIP_SNAPSHOT_JOB``); else (plain torchrun, or ``train`` called directly) rank 0's,
+    new at the job's first start (``fresh``) and the one recorded in ``run_dir`` at a restart,
+    sent to every rank."""
+    job = os.environ.get(SNAPSHOT_JOB, "")
+    if _JOB_ID.fullmatch(job):
+        return job
+    if world.is_main:
+        job = (None if fresh else recorded_job_id(run_dir)) or new_job_id(run_dir)
+    if world.distributed:
+        import torch.distributed as dist
+
+        box = [job]
+        dist.broadcast_object_list(box, src=0)
+        job = box[0]
+    return job
+
+
+def unsafe(st: os.stat_result) -> str | None:
+    """Why a directory with this lstat() is not this user's alone (None: it is)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(st.st_mode):04o}: group or others have access (0700 expected)"
+    return None
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created 0700, or already there and this user's alone; raises Refused naming it
+    and why otherwise (a symlink, not a directory, another owner, group or other access)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    reason = unsafe(os.lstat(path))
+    if reason:
+        raise Refused(path, reason)
+    return path
+
+
+_held: dict[Path, int] = {}  # job directory -> the fd of its lock, held shared by this process
+
+
+def hold(root: Path) -> None:
+    """Create (or accept, see ``private_dir``) the job directory ``root`` and hold its lock
+    shared for the life of this process or until ``release``: ``remove_leftovers`` then
+    leaves it alone. Raises Refused."""
+    if root in _held:
+        return
+    for _ in range(10):  # a leftover with this name being removed right now: create it again
+        private_dir(root)
+        try:
+            fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a cleaner removes the directory
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(root / LOCK).st_ino == os.fstat(fd).st_ino:
+                _held[root] = fd
+                return
+        os.close(fd)
+    raise Refused(root, "removed again and again while being created")
+
+
+def release(root: Path) -> None:
+    fd = _held.pop(root, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _try_remove(root: Path) -> bool:
+    """Remove job directory ``root`` when no live process holds its lock; True when removed."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        shutil.rmtree(root, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _newest_change(path: Path) -> float:
+    times = [os.lstat(path).st_mtime]
+    with contextlib.suppress(OSError):
+        times += [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(path)]
+    return max(times)
+
+
+def remove_leftovers() -> list[Path]:
+    """Remove this user's snapshot directories on this host that no live job holds (the
+    leftovers of a job killed with SIGKILL, whose workers died with it); those of live jobs
+    stay. A directory with no lock (an earlier anychip's) goes once unchanged for
+    ``LEGACY_AGE_S``. Returns the directories removed; never raises for one it cannot remove."""
+    base, prefix, removed = shm_base(), _prefix(), []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        root = base / name
+        try:
+            st = os.lstat(root)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # not this user's: not ours to remove
+            if os.path.lexists(root / LOCK):
+                gone = _try_remove(root)
+            elif time.time() - _newest_change(root) > LEGACY_AGE_S:
+                shutil.rmtree(root, ignore_errors=True)
+                gone = True
+            else:
+                gone = False
+        except OSError:
+            continue
+        if gone:
+            removed.append(root)
+    return removed
+
+
+class SnapshotJob:
+    """The launcher's side of one job's snapshots (``anychip train``): ``start`` removes the
+    leftovers of dead jobs on this host, draws the job's id, records it in the run directory
+    and in the environment its workers inherit, creates the job's directory and holds it
+    while the job lives (across restarts of its workers); ``end`` removes it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.root: Path | None = None
+
+    def start(self) -> SnapshotJob:
+        remove_leftovers()
+        job = new_job_id(self.run_dir)
+        os.environ[SNAPSHOT_JOB] = job
+        self.root = job_root(job)
+        with contextlib.suppress(Refused):  # the workers refuse it too, each with an event
+            hold(self.root)
+        return self
+
+    def end(self) -> None:
+        """Remove the job's snapshots: they serve restarts within this job only."""
+        os.environ.pop(SNAPSHOT_JOB, None)
+        if self.root is not None and self.root in _held:  # never one that was refused
+            release(self.root)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def report_refused(run_dir: Path, state, e: Refused) -> None:
+    """A ``snapshot_refused`` event (this rank's, naming the path and why) and a warning."""
+    from rich.markup import escape
+
+    append_event(run_dir, "snapshot_refused", rank=state.world.rank, dir=str(e.path), reason=e.reason)
+    state.log.print(f"[yellow]warning: snapshots: {escape(str(e))}; not used[/yellow]")
+
+
+def open_snapshots(state, run_dir: Path, interval: int, digest: str, background: bool = False, fresh: bool = False):
+    """This rank's Snapshots (see the class); None where its directory cannot be trusted (a
+    ``snapshot_refused`` event and a warning: the run goes on without snapshots, restarts
+    resume from the disk checkpoint). Under no launcher, local rank 0 of a job's first start
+    removes the leftovers of dead jobs on this host first."""
+    if fresh and not os.environ.get(SNAPSHOT_JOB) and state.world.local_rank == 0:
+        remove_leftovers()
+    job = job_id(run_dir, state.world, fresh)  # every rank, before anything may fail on one
+    try:
+        return Snapshots(state, run_dir, interval, digest, background, fresh, job)
+    except Refused as e:
+        report_refused(run_dir, state, e)
+        return None
+
+
+def _private_file(path: Path, flags: int = 0) -> int:
+    """``path`` opened read-write, created 0600 (a symlink there is an OSError, never followed)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
+
+
+def sum64(memory: torch.Tensor) -> int:
+    """A cheap checksum of a slot's bytes (a multiple of 8): their sum as 64-bit words, modulo
+    2**64 (exact in any order: the same on every read). Any change of one word shows; it
+    guards against torn or corrupt memory, the directory's mode against other users."""
+    return int(memory.view(torch.int64).sum())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -116,11 +376,28 @@ class Snapshots:
     ``interval`` steps between snapshots (0: none); ``background``: copy in a thread that
     overlaps the next step's forward and backward (``wait`` before the weights change)."""
 
-    def __init__(self, state, run_dir: Path, interval: int, digest: str, background: bool = False, fresh: bool = False):
+    def __init__(
+        self,
+        state,
+        run_dir: Path,
+        interval: int,
+        digest: str,
+        background: bool = False,
+        fresh: bool = False,
+        job: str | None = None,
+    ):
+        """``job``: the job's id (``job_id``, a collective where there is no launcher). Raises
+        Refused for a directory that is not this user's alone."""
         self.state, self.interval, self.digest, self.background = state, interval, digest, background
-        self.dir = run_root(run_dir) / f"rank{state.world.rank}"
-        if fresh:  # the first start of a job: an earlier job's snapshots are not this one's
+        self.run_dir = Path(run_dir)
+        self.job = job if job is not None else job_id(run_dir, state.world, fresh)
+        self.root = job_root(self.job)
+        self.dir = self.root / f"rank{state.world.rank}"
+        hold(self.root)
+        if fresh:  # the first start of a job: nothing there is this one's
             shutil.rmtree(self.dir, ignore_errors=True)
+        private_dir(self.dir)
+        self._checked: dict[int, dict] = {}  # slot -> its record, its bytes known to match it
         self._thread: threading.Thread | None = None
         self._maps: dict[int, tuple[int, torch.Tensor]] = {}
         self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -150,6 +427,7 @@ class Snapshots:
             "rank": w.rank,
             "layout": [w.layout.dp_replicate, w.layout.dp_shard, w.layout.ep],
             "device": self.state.device.type,
+            "job": self.job,
         }
 
     # -- take --------------------------------------------------------------------------
@@ -172,8 +450,8 @@ class Snapshots:
             records = self._records()
             self._newest = max(records, key=lambda s: records[s]["step"], default=1)
         slot = self._newest = 1 - self._newest
-        self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"slot{slot}.json").unlink(missing_ok=True)  # that slot is invalid from here on
+        self._checked.pop(slot, None)
         tensors = self._tensors()
         data = json.loads(json.dumps(self.state.data.state_dict()))  # a copy: the next step moves the data on
         try:
@@ -209,9 +487,12 @@ class Snapshots:
                     f"snapshot of step {step}: a {dtype} tensor holds a non-finite value; not kept"
                 )
         record = {"step": step, **self._identity(), "data": data, "entries": entries, "time": time.time()}
+        record.update(bytes=memory.numel(), sum64=sum64(memory))  # checked before a restore
         tmp = self.dir / f"slot{slot}.json.tmp"
-        tmp.write_text(json.dumps(record))
+        with os.fdopen(_private_file(tmp, os.O_TRUNC), "w") as f:
+            f.write(json.dumps(record))
         os.replace(tmp, self.dir / f"slot{slot}.json")  # the commit
+        self._checked[slot] = json.loads(json.dumps(record))  # as _records() will read it
 
     def _layout(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, int, dict]:
         """Where each tensor goes: {name: [offset, dtype, shape, device]}, the bytes in all, and
@@ -242,13 +523,16 @@ class Snapshots:
         if kept is not None and kept[0] == nbytes and path.is_file():
             return kept[1]
         if not path.is_file() or path.stat().st_size != nbytes:
-            with open(path, "wb") as f:
+            fd = _private_file(path, os.O_TRUNC)
+            try:
                 if hasattr(os, "posix_fallocate"):
                     # reserve the pages now: a full tmpfs (Docker's /dev/shm is 64 MB by default) is then
                     # an OSError here, not a SIGBUS at the first write through the mapping
-                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                    os.posix_fallocate(fd, 0, nbytes)
                 else:
-                    f.truncate(nbytes)
+                    os.ftruncate(fd, nbytes)
+            finally:
+                os.close(fd)
         memory = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
         self._maps[slot] = (nbytes, memory)
         return memory
@@ -278,23 +562,55 @@ class Snapshots:
     # -- restore -----------------------------------------------------------------------
 
     def steps(self, before: int | None = None) -> list[int]:
-        """The steps of the snapshots this rank holds that fit this run and layout (below ``before``)."""
+        """The steps of the snapshots this rank holds that fit this job, run and layout and
+        match their checksums (below ``before``)."""
         self.wait()
-        me = self._identity()
-        return sorted(
-            r["step"]
-            for r in self._records().values()
-            if all(r.get(k) == v for k, v in me.items()) and (before is None or r["step"] < before)
-        )
+        return sorted(r["step"] for r in self._usable().values() if before is None or r["step"] < before)
+
+    def _usable(self) -> dict[int, dict]:
+        """slot -> record, for the slots whose record fits this job, run and layout and whose
+        bytes match its checksum; a slot that does not match is reported and never restored."""
+        me, out = self._identity(), {}
+        for slot, r in self._records().items():
+            if not all(r.get(k) == v for k, v in me.items()):
+                continue
+            if self._checked.get(slot) != r:
+                problem = self._check(slot, r)
+                if problem:
+                    report_refused(self.run_dir, self.state, Refused(self.dir / f"slot{slot}.bin", problem))
+                    continue
+                self._checked[slot] = r
+            out[slot] = r
+        return out
+
+    def _check(self, slot: int, record: dict) -> str | None:
+        """Why the bytes of ``slot`` do not match ``record`` (None: they do)."""
+        try:
+            st = os.lstat(self.dir / f"slot{slot}.bin")
+        except FileNotFoundError:
+            return f"step {record['step']}: its memory is gone"
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return f"not a regular file of this user's alone (mode {st.st_mode:o}, uid {st.st_uid})"
+        if not isinstance(record.get("sum64"), int):
+            return f"step {record['step']}: the record has no checksum"
+        if st.st_size != record.get("bytes"):
+            return f"step {record['step']}: {st.st_size} bytes, the record says {record.get('bytes')}"
+        found = sum64(self._map(slot, st.st_size))
+        if found != record["sum64"]:
+            return f"step {record['step']}: checksum {found} of the bytes read, {record['sum64']} of those written"
+        return None
 
     def restore(self, step: int) -> None:
         """Copy the snapshot of ``step`` into the live state (every rank calls it with the same
-        step). Snapshots newer than it belong to a trajectory given up: they are dropped."""
-        records = self._records()
-        slot = next(s for s, r in records.items() if r["step"] == step)
+        step; ``steps`` checked it). Snapshots newer than it belong to a trajectory given up:
+        they are dropped."""
+        records = self._usable()
+        slot = next((s for s, r in records.items() if r["step"] == step), None)
+        if slot is None:
+            raise RuntimeError(f"{self.dir}: no usable snapshot of step {step}")
         record = records[slot]
         self.drop_after(step)
-        memory = self._map(slot, (self.dir / f"slot{slot}.bin").stat().st_size)
+        memory = self._map(slot, record["bytes"])
         entries = record["entries"]
         saved = {k: self._view(memory, e) for k, e in entries.items()}
         load_state_tensors(self.state, saved, f"snapshot of step {step}", {k: e[3] for k, e in entries.items()})
@@ -308,11 +624,15 @@ class Snapshots:
         self._newest = None
 
     def remove(self) -> None:
-        """Free this rank's snapshot memory (the run ended)."""
+        """Free this rank's snapshot memory (the run ended); with no launcher to do it, the
+        last process of the job to leave removes the job's directory."""
         self.wait()
         self._maps.clear()
         self._views.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if not os.environ.get(SNAPSHOT_JOB):  # else the launcher holds the directory until the job ends
+            release(self.root)
+            _try_remove(self.root)
 
 
 def restorable_step(snapshots: Snapshots | None, world, before: int | None = None) -> int | None:

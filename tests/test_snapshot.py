@@ -55,12 +55,12 @@ def test_snapshots_keep_two_copies_at_most_and_never_a_nonfinite_one(tmp_path):
     """Every step's snapshot leaves at most two slots on this rank; a snapshot holding a
     non-finite value is refused and the newest one kept stays; the memory is freed at the end."""
     cfg = load_config(None, [*RUN, "train.steps=7", "checkpoint.interval=0"])
-    root = run_root(tmp_path / "run") / "rank0"
-    seen, checked = [], {}
+    seen, checked, where = [], {}, []
 
     def after_step(state):
-        seen.append(sorted(p.name for p in root.iterdir()))
         snaps = state.checkpointer.snapshots
+        where.append(snaps.dir)
+        seen.append(sorted(p.name for p in snaps.dir.iterdir()))
         if state.step == 6:
             snaps.wait()
             checked["before"] = snaps.steps()
@@ -80,7 +80,8 @@ def test_snapshots_keep_two_copies_at_most_and_never_a_nonfinite_one(tmp_path):
     assert checked == {"before": [5, 6], "after": [6]}  # the slot written into was given up, not the newest
     assert len(seen) == 7 and all(sum(f.endswith(".bin") for f in files) <= 2 for files in seen)
     assert all(sum(f.endswith(".json") for f in files) <= 2 for files in seen)
-    assert not root.exists(), "the run ended: its snapshot memory is freed"
+    assert set(where) == {run_root(tmp_path / "run") / "rank0"}
+    assert not run_root(tmp_path / "run").exists(), "the run ended: its snapshot memory is freed"
 
 
 def test_a_snapshot_gives_back_the_whole_state_bit_for_bit(tmp_path):

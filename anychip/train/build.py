@@ -42,7 +42,7 @@ from ..pools.sync import NoPools, PoolSync, data_shard, pool_index
 from ..rl.grpo import ReferenceResets, RolloutBatches, make_reference, prepare_policy, updates_per_rollout
 from ..rl.policy import PolicyLoss
 from ..runfiles import write_file
-from ..snapshot import Snapshots
+from ..snapshot import open_snapshots
 from .hooks import Hooks, TrainState
 from .lm import NextTokenLoss
 from .metrics import StepMeter
@@ -151,7 +151,7 @@ def build(
         first_start = generation == 0 and not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         c = cfg.checkpoint
         interval = math.lcm(c.snapshot_interval, boundary)  # GRPO: between rollout batches
-        checkpointer.snapshots = Snapshots(state, run_dir, interval, identity.digest, c.snapshot_async, first_start)
+        checkpointer.snapshots = open_snapshots(state, run_dir, interval, identity.digest, c.snapshot_async, first_start)
     heldout = HeldoutLoss(cfg.eval.interval, t.steps, [], micro, amp, device.type, world)
     guards = build_guards(
         cfg.guards,
