@@ -294,6 +294,7 @@ def _lighthouse(a: argparse.Namespace) -> int:
 def _goodput(a: argparse.Namespace) -> int:
     from .goodput import format_goodput, goodput
     from .pools.timeline import format_timeline, pool_dirs, timeline
+    from .runread import printable
 
     if pool_dirs(a.run_dir):  # a run of pools: its timeline, then each pool's split
         t = timeline(a.run_dir)
@@ -303,7 +304,7 @@ def _goodput(a: argparse.Namespace) -> int:
             return 0
         print(format_timeline(t))
         for pool, g in t.goodputs.items():
-            print(f"\n{pool}:\n{format_goodput(g)}")
+            print(f"\n{printable(pool)}:\n{format_goodput(g)}")
         return 0
     g = goodput(a.run_dir)
     print(json.dumps(g.__dict__ | {"goodput": g.ratio}) if a.json else format_goodput(g))
@@ -320,14 +321,15 @@ def _report(a: argparse.Namespace) -> int:
 
 def _status(a: argparse.Namespace) -> int:
     from .pools.timeline import pool_dirs
-    from .report.run import load_run
+    from .report.run import STATUS_METRICS, load_run
     from .report.status import print_status
+    from .runread import printable
 
     pools = pool_dirs(a.run_dir)
     for pool in pools or [a.run_dir]:  # a run of pools: each pool's summary
         if pools and not a.json:
-            print(f"{pool.name}:")
-        print_status(load_run(pool), as_json=a.json)
+            print(f"{printable(pool.name)}:")
+        print_status(load_run(pool, metric_keys=STATUS_METRICS), as_json=a.json)
     return 0
 
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from .events import read_jsonl
+from .events import EVENT, MAX_READ_BYTES, METRIC, fits, keep_fitting, read_jsonl, read_jsonl_tail
+from .runread import printable
 
 # a worker that dies on a rank other than 0 is seen by rank 0 as a failed collective: run_end "error"
 DETECTED_BY = {
@@ -78,6 +79,7 @@ class Goodput:
     # plain lists and dicts, so that `anychip goodput --json` can dump them as they are
     faults: list[dict] = field(default_factory=list)  # one per fault, in time order
     fault_summary: dict[str, dict] = field(default_factory=dict)  # kind -> counts, latency, lost
+    skipped: list[str] = field(default_factory=list)  # what of the run's files was not read, and why
 
     @property
     def ratio(self) -> float:
@@ -85,15 +87,24 @@ class Goodput:
 
 
 def goodput(run_dir: str | Path) -> Goodput:
-    """Split the wall time of ``run_dir``; raises FileNotFoundError without events.jsonl."""
+    """Split the wall time of ``run_dir``; raises FileNotFoundError without events.jsonl. Malformed records
+    are left out, and said in ``skipped`` with what was not read (events.read_jsonl)."""
     run_dir = Path(run_dir)
     if not (run_dir / "events.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir / 'events.jsonl'}: not a run directory")
-    return goodput_of(read_jsonl(run_dir / "events.jsonl"), read_jsonl(run_dir / "metrics.jsonl"))
+    events = keep_fitting(read_jsonl(run_dir / "events.jsonl"), EVENT)
+    keys = ("step", "time", "step_time", "snapshot_s", "snapshot_wait_s")
+    metrics = read_jsonl_tail(run_dir / "metrics.jsonl", MAX_READ_BYTES, METRIC, keys=keys)
+    g = goodput_of(events, metrics)
+    g.skipped = events.notes("events.jsonl") + metrics.notes("metrics.jsonl")
+    return g
 
 
 def goodput_of(events: list[dict], metrics: list[dict]) -> Goodput:
-    """`goodput` of a run's records, already read."""
+    """`goodput` of a run's records, already read; those not of their file's schema (events.EVENT,
+    events.METRIC) are left out."""
+    events = [e for e in events if fits(e, EVENT)]
+    metrics = [m for m in metrics if fits(m, METRIC)]
     starts = [e["time"] for e in events if e["event"] == "run_start"]
     times = [e["time"] for e in events] + [m["time"] for m in metrics]
     wall = max(times) - min(starts) if starts else 0.0
@@ -219,7 +230,7 @@ def _drop_consequences(detections: list[dict], events: list[dict]) -> list[dict]
             continue  # logged by the next start just before its run_start (a hang's: or after)
         if d["event"] == "run_end" and (a in failed or a in hung):
             continue  # the failure's (or the hang's) own record counts
-        if d["event"] == "run_end" and d.get("error", "").startswith("GuardStop"):
+        if d["event"] == "run_end" and (d.get("error") or "").startswith("GuardStop"):
             continue  # the guard's own event is the detection
         out.append(d)
     return out
@@ -263,5 +274,8 @@ def format_goodput(g: Goodput) -> str:
         lines.append(f"faults{'count':>22}{'injected':>10}{'detected':>10}{'latency':>12}{'lost':>12}")
         for kind, s in g.fault_summary.items():
             latency, lost = (f"{t:.2f} s" if t is not None else "-" for t in (s["median_latency_s"], s["lost_s"]))
-            lines.append(f"  {kind:<20}{s['count']:>6}{s['injected']:>10}{s['detected']:>10}{latency:>12}{lost:>12}")
+            lines.append(
+                f"  {printable(kind):<20}{s['count']:>6}{s['injected']:>10}{s['detected']:>10}{latency:>12}{lost:>12}"
+            )
+    lines += [f"skipped: {printable(note)}" for note in g.skipped]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import statistics
 from collections import deque
 from pathlib import Path
 
-from ..events import read_jsonl
+from ..events import METRIC, read_jsonl_tail
 from .base import Action, Guard, RollbackBudget, StepView, Verdict
 
 
@@ -64,9 +64,21 @@ class Spike(Guard):
         self.budget.progress(view.step)
 
     def started(self, step: int) -> None:
-        """A resumed run starts with the history of the steps it resumes after (metrics.jsonl)."""
-        last = {m["step"]: m for m in read_jsonl(self.run_dir / "metrics.jsonl") if m["step"] <= step}
-        for done in sorted(last)[-self.cfg.spike_window :]:
+        """A resumed run starts with the history of the steps it resumes after: the last records of
+        metrics.jsonl (read from its end until the window is full), malformed ones left out."""
+        window = self.cfg.spike_window
+
+        def usable(records: list[dict]) -> dict[int, dict]:  # the last record of each step up to ``step``
+            return {
+                m["step"]: m
+                for m in records
+                if m["step"] <= step and all(isinstance(m.get(k), int | float) for k in ("loss", "grad_norm"))
+            }
+
+        keys = ("step", "loss", "grad_norm")
+        enough = lambda records: len(usable(records)) >= window  # noqa: E731
+        last = usable(read_jsonl_tail(self.run_dir / "metrics.jsonl", schema=METRIC, keys=keys, enough=enough))
+        for done in sorted(last)[-window:]:
             self.history.append((done, last[done]["loss"], last[done]["grad_norm"]))
 
     def rolled_back(self, step: int) -> None:

@@ -98,20 +98,24 @@ def running_mean(values, window: int) -> list[float]:
     return out
 
 
+def rollbacks(run: Run) -> list[dict]:
+    """The run's rollback events that say from which step to which."""
+    return [e for e in run.events if e["event"] == "rollback" and None not in (e.get("from_step"), e.get("to_step"))]
+
+
 def _rollbacks(ax, run: Run) -> None:
-    for e in run.events:
-        if e["event"] == "rollback":
-            ax.axvline(e["from_step"], color=COLORS["rollback"], ls=":", lw=1)
-            ax.annotate(
-                f"rollback to {e['to_step']}",
-                (e["from_step"], 1),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                color=COLORS["rollback"],
-                rotation=90,
-                va="top",
-                ha="right",
-            )
+    for e in rollbacks(run):
+        ax.axvline(e["from_step"], color=COLORS["rollback"], ls=":", lw=1)
+        ax.annotate(
+            f"rollback to {e['to_step']}",
+            (e["from_step"], 1),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color=COLORS["rollback"],
+            rotation=90,
+            va="top",
+            ha="right",
+        )
 
 
 def loss(run: Run) -> str | None:
@@ -264,10 +268,9 @@ def timeline(run: Run) -> str | None:
             )
         if f["lost_s"]:
             ax.axvspan(f["time"] - t0, f["time"] - t0 + f["lost_s"], color=COLORS["fault"], alpha=0.08, lw=0)
-    for e in run.events:
-        if e["event"] == "rollback":
-            arrow = {"arrowstyle": "->", "color": COLORS["rollback"]}
-            ax.annotate("", (e["time"] - t0, e["to_step"]), (e["time"] - t0, e["from_step"]), arrowprops=arrow)
+    for e in rollbacks(run):
+        arrow = {"arrowstyle": "->", "color": COLORS["rollback"]}
+        ax.annotate("", (e["time"] - t0, e["to_step"]), (e["time"] - t0, e["from_step"]), arrowprops=arrow)
     ax.set_ylim(0, top * 1.05 + 1)
     ax.set_xlabel("seconds since the first start")
     ax.set_ylabel("step")

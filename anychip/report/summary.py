@@ -55,6 +55,9 @@ def overview(run: Run) -> list[tuple[str, str]]:
             f"exactly right {e.get('exact_accuracy', 0):.1%})"
         )
         rows.append(("held-out accuracy", accuracy))
+    if run.skipped:  # what the run's files held that could not be read: the figures above leave it out
+        shown = run.skipped[:5] + ([f"and {len(run.skipped) - 5} more"] if len(run.skipped) > 5 else [])
+        rows.append(("skipped", "; ".join(shown)))
     return rows
 
 
@@ -111,7 +114,10 @@ def _checkpoints(run: Run) -> str:
 
 
 def _when(t: float | None) -> str:
-    return "?" if t is None else datetime.datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        return datetime.datetime.fromtimestamp(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    except (TypeError, ValueError, OverflowError, OSError):  # none, or no date a clock can show
+        return "?"
 
 
 def _duration(seconds: float) -> str:

@@ -31,6 +31,7 @@ from ..data import JsonlCorpus, ReasoningTasks, TextCorpus, TokenBatches, load_t
 from ..device import Device
 from ..errors import CheckpointError, ConfigError
 from ..eval import HeldoutLoss
+from ..events import EVENT, METRIC, keep_fitting, read_jsonl_tail
 from ..guards.heartbeat import Heartbeat
 from ..guards.setup import Guards, build_guards
 from ..launcher_env import POOL_ATTEMPT
@@ -352,10 +353,10 @@ def _note_crash(run_dir: Path, log: RunLog, world: World) -> None:
     """An earlier start of this run that never logged run_end died: record it."""
     if not world.is_main:
         return
-    events = read_jsonl(run_dir / "events.jsonl")  # before this start logs anything
+    events = keep_fitting(read_jsonl(run_dir / "events.jsonl"), EVENT)  # before this start logs anything
     starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
     if starts and not any(e["event"] == "run_end" for e in events[starts[-1] :]):
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        metrics = read_jsonl_tail(run_dir / "metrics.jsonl", schema=METRIC, enough=bool)  # its last record
         last_step = metrics[-1]["step"] if metrics else 0
         last_record = max(events[-1]["time"], metrics[-1]["time"] if metrics else 0)
         log.event("crash_detected", last_step=last_step, last_record=last_record)
