@@ -41,7 +41,6 @@ from .data.loader import MODES as TOKEN_MODES
 from .device import NAMES as DEVICE_NAMES
 from .errors import ConfigError
 from .models.deepseek.args import SHAPE_FREE, ModelArgs
-from .models.deepseek.bounds import field_problem
 from .models.deepseek.parallelize import ACTIVATION_CHECKPOINT
 from .models.deepseek.presets import PRESETS
 from .rl.losses import LEVELS, LOSS_TYPES, SCALES
@@ -669,10 +668,7 @@ def _model_value(key: str, value, where: str):
     hint = typing.get_type_hints(ModelArgs)[key]
     if key == "rope_scaling":
         raise ConfigError(f"{where}: rope_scaling cannot be set from a config file; choose a preset")
-    value = _coerce(value, hint, where)
-    if problem := field_problem(key, value):  # a size beyond what any model has (models/deepseek/bounds.py)
-        raise ConfigError(f"{where}: {problem}")
-    return value
+    return _coerce(value, hint, where)
 
 
 # type -> (accepted Python types, what the error says); bool is never an int here

@@ -13,8 +13,8 @@ import torch
 from .checkpoint import committed, step_dir, verify
 from .config import load_config
 from .dcp_reader import read_metadata, safe_load
-from .errors import CheckpointError, ConfigError
-from .init_from import read_meta, resolve_init
+from .errors import CheckpointError
+from .init_from import resolve_init
 from .models import DeepSeekV3, ModelArgs, YarnScaling
 from .models.deepseek.state_dict_adapter import hf_to_slot, to_hf
 from .models.hf import check_save_target, save_hf_streamed
@@ -82,20 +82,13 @@ def newest_verified(root: Path) -> Path:
 def checkpoint_model(directory: str | Path, device="cpu", verified: bool = False) -> tuple[DeepSeekV3, dict]:
     """The model of one committed checkpoint directory and its meta.json, in one process
     whatever the world size that wrote it (DCP reshards). The directory is verified first
-    (CheckpointError naming the problem) unless the caller has just done so (``verified``).
-    The model is given memory only after its meta.json shapes are checked (``checkpoint_args``)
-    and found in the checkpoint's DCP metadata and data files (``stored_tensors``)."""
+    (CheckpointError naming the problem) unless the caller has just done so (``verified``)."""
     directory = Path(directory)
     problem = None if verified else verify(directory)
     if problem:
         raise CheckpointError(f"{directory}: {problem}")
     args, meta = checkpoint_args(directory)
-    with torch.device("meta"):  # memory only once every shape is checked against the checkpoint's files
-        model = DeepSeekV3(args)
-    stored_tensors(directory, model.state_dict(), args.tie_word_embeddings)
-    model.to_empty(device="cpu")
-    if args.tie_word_embeddings:  # to_empty gives each name a tensor of its own
-        model.lm_head.weight = model.embed_tokens.weight
+    model = DeepSeekV3(args)
     state = {"model": model.state_dict()}
     safe_load(state, directory, no_dist=True)  # the metadata pickle through an allow-list
     model.load_state_dict(state["model"])
@@ -106,85 +99,37 @@ def checkpoint_model(directory: str | Path, device="cpu", verified: bool = False
 def checkpoint_args(directory: Path) -> tuple[ModelArgs, dict]:
     """The ModelArgs of one checkpoint directory and its meta.json: the training-time terms
     of its config.toml with the shapes of its meta.json. Nothing beyond the directory is read
-    (corpus, tokenizer, init_from: a copied run exports too) and no reward module is imported.
-
-    Every value of meta.json's ``model_shape`` is checked for its type and bounds before it
-    is used (``models/deepseek/bounds.py``): ConfigError naming the file and the key; an
-    unreadable meta.json is a CheckpointError naming it."""
+    (corpus, tokenizer, init_from: a copied run exports too) and no reward module is imported."""
     cfg = load_config(directory / "config.toml", check_inputs=False)
-    meta, shape = read_meta(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    shape = dict(meta["model_shape"])  # the checkpoint's own shapes (also right for init_from runs)
     if shape.get("rope_scaling"):
         shape["rope_scaling"] = YarnScaling(**shape["rope_scaling"])
-    try:
-        return cfg.model_args().replace(**shape), meta
-    except ConfigError as e:
-        raise ConfigError(f"{directory / 'meta.json'}: {e}") from None
+    return cfg.model_args().replace(**shape), meta
 
 
 def checkpoint_tensors(directory: Path, args: ModelArgs) -> list[tuple[str, torch.Size, torch.dtype]]:
     """(name, shape, dtype) of each model tensor of checkpoint ``directory`` that a Hugging
     Face directory holds (a tied ``lm_head.weight`` is not), in the model's state-dict order,
-    as its DCP metadata gives them (nothing else is read). Raises what ``stored_tensors``
-    raises."""
+    as its DCP metadata gives them (nothing else is read). Raises CheckpointError naming the
+    directory and the tensor when one is missing or its shape is not the one ``args`` give."""
     with torch.device("meta"):  # names, order and shapes only: no memory
         state = DeepSeekV3(args).state_dict()
     needed = {hf_to_slot(args, key).name for key, _ in to_hf(args, state)}
-    return stored_tensors(directory, {name: t for name, t in state.items() if name in needed})
-
-
-def check_checkpoint_tensors(directory: Path, args: ModelArgs) -> None:
-    """Check that checkpoint ``directory`` holds every model tensor of ``args`` as
-    ``stored_tensors`` requires, from its metadata alone (nothing is allocated): raises what
-    ``stored_tensors`` raises."""
-    with torch.device("meta"):
-        state = DeepSeekV3(args).state_dict()
-    stored_tensors(directory, state, args.tie_word_embeddings)
-
-
-def stored_tensors(
-    directory: Path, state: dict[str, torch.Tensor], tied: bool = False
-) -> list[tuple[str, torch.Size, torch.dtype]]:
-    """(name, shape, dtype) of each entry of ``state`` (a model's state dict, on the meta
-    device or not) as the DCP metadata of checkpoint ``directory`` gives it, each checked
-    before anything is allocated for it: the checkpoint holds ``model.NAME`` with the shape
-    of ``state``'s tensor, floating-point where that tensor is (and not where it is not),
-    and its bytes lie in the data files, whose sizes bound what the metadata may claim (the
-    sum of its stored items' lengths may not exceed them; anychip writes uncompressed
-    items). ``tied``: a tied ``lm_head.weight`` is ``embed_tokens.weight`` and not checked.
-    Raises CheckpointError naming the directory and the tensor."""
-    metadata = read_metadata(directory)
-    stored = metadata.state_dict_metadata
-    held: dict[str, int] = {}  # bytes stored for each key, as the metadata says
-    files: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        held[index.fqn] = held.get(index.fqn, 0) + info.length
-        files[info.relative_path] = files.get(info.relative_path, 0) + info.length
-    for name, claimed in files.items():
-        path = directory / name
-        size = path.stat().st_size if path.is_file() else 0
-        if claimed > size:
-            raise CheckpointError(f"{path}: the DCP metadata puts {claimed} bytes in it; it holds {size}")
+    stored = read_metadata(directory).state_dict_metadata
     tensors = []
     for name, t in state.items():
-        if tied and name == "lm_head.weight":
+        if name not in needed:
             continue
-        key = f"model.{name}"
-        info = stored.get(key)
+        info = stored.get(f"model.{name}")
         if info is None or not hasattr(info, "size"):
-            raise CheckpointError(f"{directory}: the checkpoint holds no tensor {key}")
+            raise CheckpointError(f"{directory}: the checkpoint holds no tensor model.{name}")
         if tuple(info.size) != tuple(t.shape):
             raise CheckpointError(
-                f"{directory}: {key} has shape {tuple(info.size)}; its meta.json's model_shape gives {tuple(t.shape)}"
+                f"{directory}: model.{name} has shape {tuple(info.size)}; its meta.json's model_shape "
+                f"gives {tuple(t.shape)}"
             )
-        dtype = info.properties.dtype
-        if dtype.is_floating_point != t.dtype.is_floating_point:
-            raise CheckpointError(f"{directory}: {key} holds {dtype} values; the model's {name} is {t.dtype}")
-        if nbytes(info.size, dtype) > held.get(key, 0):
-            raise CheckpointError(
-                f"{directory}: {key} of shape {tuple(info.size)} needs {nbytes(info.size, dtype)} bytes; "
-                f"its data files hold {held.get(key, 0)} for it"
-            )
-        tensors.append((name, info.size, dtype))
+        tensors.append((name, info.size, info.properties.dtype))
     return tensors
 
 

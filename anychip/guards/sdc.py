@@ -1,14 +1,10 @@
 """Silent data corruption: wrong numbers without an error.
 
-ReplicaCheck: each data-parallel replica (DDP) fingerprints the parameters a step starts
-from, i.e. the state after the previous step (the integer sum of their bit patterns: any
-flipped bit changes it); the fingerprints are all-gathered and a replica that differs from
-the majority is named and the run rolls back to the newest state at or before the last one
-the replicas agreed on, never to a later one. The check runs on the step after every
-``replica_check_interval``-th step and after every checkpoint (so the state each checkpoint
-holds is compared before the next update), and on a checkpoint step itself (the last step's
-checkpoint has no step after it). A fault in an update is therefore found at the next
-check, and the rollback never keeps it.
+ReplicaCheck: every ``replica_check_interval`` steps, and before every checkpoint, each
+data-parallel replica (DDP) fingerprints its parameters (the integer sum of their bit
+patterns: any flipped bit changes it); the fingerprints are all-gathered and a replica
+that differs from the majority is named and the run rolls back. A checkpoint is
+therefore only written from weights that all replicas agree on.
 
 RecomputeAudit: every ``audit_interval`` steps the step's own objective on one slice of
 its batch (``audit_rows`` sequences) is computed twice on each rank, locally, and the loss
@@ -62,30 +58,24 @@ class ReplicaCheck(Guard):
         self.interval = cfg.replica_check_interval
         self.budget = RollbackBudget(cfg.max_rollbacks)
         self.model, self.world, self.checkpoint_due = model, world, checkpoint_due
-        self.passed: int | None = None  # the newest state (after this step) the replicas agreed on, since the start
-
-    def due(self, step: int) -> bool:
-        """Whether the check runs on ``step``: after an interval's step or a checkpoint, or on a
-        checkpoint step."""
-        before = step - 1
-        return before % self.interval == 0 or self.checkpoint_due(before) or self.checkpoint_due(step)
+        self.passed: int | None = None  # the last step whose check found the replicas equal, since the start
 
     def judge(self, view: StepView) -> Verdict | None:
         step = view.step
-        if not self.due(step):
+        if step % self.interval and not self.checkpoint_due(step):
             return None
-        prints = self._fingerprints()  # of the weights the step starts from: the state after step - 1
+        prints = self._fingerprints()
         if len(set(prints)) == 1:
-            self.passed = step - 1
+            self.passed = step
             return None
         suspects, majority = odd_ones_out(prints)
         action = self.budget.spend(step)
         who = f"rank(s) {suspects}" if majority else f"no majority among {len(prints)} replicas"
         detail = {"ranks": suspects, "majority": majority, "fingerprints": [str(f) for f in prints]}
         reason = f"parameters differ between replicas: {who}"
-        # back to the newest state at or before the last one the replicas agreed on (a snapshot or the
-        # checkpoint of that step); none since the start: to a disk checkpoint, whose weights every
-        # replica loaded alike (a snapshot restored at the start may hold the corruption)
+        # back to the state after the last step the replicas agreed at (a snapshot or the checkpoint
+        # written then); none since the start: to a checkpoint, written only from weights they agreed
+        # on (a snapshot restored at the start may hold the corruption)
         if self.passed is not None:
             return Verdict(
                 action, "replica_check", reason, before=self.passed + 1, event="replica_mismatch", detail=detail

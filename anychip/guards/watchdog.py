@@ -11,18 +11,11 @@
 
 Either way it reads the worker's heartbeat file every ``poll`` seconds. When the worker
 has not beaten within the deadline it promised (or, before its first beat, within the
-start-up deadline) and is not running, the watchdog asks for its Python stacks (SIGUSR1, written by
+start-up deadline), the watchdog asks for its Python stacks (SIGUSR1, written by
 faulthandler; impossible when the worker is stopped or has not registered it yet),
 records a ``hang_detected`` event and kills the worker with SIGKILL: the launcher's
 restart path takes over (anychip's agent: that rank alone; torchrun: the node's workers)
 and the job resumes from its newest snapshot or checkpoint.
-
-A worker that is running (state R, or CPU time used within the last ``BUSY_WINDOW_S``) is
-working, only slowly (a loaded machine stretches a step far beyond the median the short
-deadline is made of): it is given the long deadline, ``watchdog_startup_s`` + grace, from
-its last beat. A hung worker is not running: it waits (a deadlock, a peer that died, a
-native call that holds the GIL, all state S or D with no CPU time), is stopped (T) or is a
-zombie; one that spins without progress is killed at the long deadline.
 
 A worker is identified by its pid *and* its start time (and signalled through a pidfd
 where Linux has them), so a recycled pid is never mistaken for it; deadlines are on the
@@ -44,7 +37,6 @@ from ..events import append_event
 
 WATCHED_BY_LAUNCHER = "ANYCHIP_WATCHED"  # set by anychip's launcher, which watches its workers itself
 PULSE_S = 0.5  # a worker's interpreter touches its pulse file this often (heartbeat.py)
-BUSY_WINDOW_S = 2.0  # a worker that used CPU time within this many seconds is running
 DONE = "done"  # the heartbeat's phase once the worker's run ended (heartbeat.py)
 
 
@@ -73,16 +65,6 @@ def process_state(pid: int) -> str | None:
     return "?"  # alive, state unknown (no /proc)
 
 
-def cpu_ticks(pid: int) -> int | None:
-    """User + system CPU time of ``pid`` (all its threads) in clock ticks (/proc), None when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def read_beat(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -97,8 +79,6 @@ class Worker:
         self.pid = pid
         self.start = start if start is not None else process_start(pid)
         self.seen = time.monotonic()
-        self._ticks: int | None = None  # CPU time at the last reading
-        self._busy_at: float | None = None  # when CPU time was last seen to advance
         self.fd = None
         if hasattr(os, "pidfd_open"):
             try:
@@ -111,19 +91,6 @@ class Worker:
         if self.start is not None and process_start(self.pid) not in (None, self.start):
             return None
         return process_state(self.pid)
-
-    def running(self, state: str | None, ticks: int | None = None, now: float | None = None) -> bool:
-        """Whether the process runs: state R, or its CPU time advanced within ``BUSY_WINDOW_S``
-        (``ticks``: CPU time now, read from /proc when not given). Call it every poll: each
-        call is a reading; the first, with nothing to compare to, counts as running (one
-        window of doubt, never a kill on one reading)."""
-        now = time.monotonic() if now is None else now
-        ticks = cpu_ticks(self.pid) if ticks is None else ticks
-        if ticks is not None:
-            if self._ticks is None or ticks > self._ticks:
-                self._busy_at = now
-            self._ticks = ticks
-        return state == "R" or (self._busy_at is not None and now - self._busy_at <= BUSY_WINDOW_S)
 
     def signal(self, sig: int) -> None:
         if self.state() is None:  # also when the pidfd was opened on a recycled pid
@@ -148,29 +115,21 @@ class Worker:
             self.fd = None
 
 
-def overdue(
-    beat: dict | None, worker: Worker, startup_s: float, grace_s: float, running: bool = False
-) -> tuple[float, float] | None:
+def overdue(beat: dict | None, worker: Worker, startup_s: float, grace_s: float) -> tuple[float, float] | None:
     """(silent seconds, deadline) when ``worker`` is past its deadline, else None. Before its
-    first heartbeat a worker has ``startup_s + grace_s`` from when the watch began; after it,
-    the deadline its beat promised, or ``startup_s + grace_s`` when it is ``running``
-    (``Worker.running``), whichever is longer."""
+    first heartbeat a worker has ``startup_s + grace_s`` from when the watch began."""
     now = time.monotonic()
     if worker.owns(beat):
         if beat.get("timeout_s") is None:
             return None  # unwatched phase (the final export and evaluation)
         silent = now - beat["mono"] if "mono" in beat else time.time() - beat["time"]
-        deadline = max(beat["timeout_s"], startup_s + grace_s) if running else beat["timeout_s"]
-        return (silent, deadline) if silent > deadline else None
+        return (silent, beat["timeout_s"]) if silent > beat["timeout_s"] else None
     silent, deadline = now - worker.seen, startup_s + grace_s
     return (silent, deadline) if silent > deadline else None
 
 
-def watch(
-    heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, poll: float = 0.25, startup_s: float = 600.0
-) -> bool:
-    """Watch one worker until it exits (False) or has been killed for hanging (True);
-    ``startup_s``: the long deadline of a running worker (``guards.watchdog_startup_s``)."""
+def watch(heartbeat: Path, pid: int, run_dir: Path, rank: int, stacks: Path, poll: float = 0.25) -> bool:
+    """Watch one worker until it exits (False) or has been killed for hanging (True)."""
     worker = Worker(pid)
     try:
         while True:
@@ -180,8 +139,7 @@ def watch(
                     stacks.unlink(missing_ok=True)  # a worker that died some other way: no stacks were taken
                 return False
             beat = read_beat(heartbeat)
-            running = worker.running(state)
-            late = overdue(beat, worker, startup_s, 0.0, running) if worker.owns(beat) else None
+            late = overdue(beat, worker, float("inf"), 0.0) if worker.owns(beat) else None
             if late is not None:
                 kill_hung(worker, state, beat, run_dir, rank, stacks, *late)
                 return True
@@ -225,7 +183,7 @@ def kill_hung(
     )
     message = (
         f"anychip watchdog: rank {rank} (pid {worker.pid}) made no progress for {silent:.1f} s at step {step} "
-        f"({phase}; process state {state}; deadline {deadline:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it"
+        f"({phase}; deadline {deadline:.1f} s); stacks: {stacks if dumped else 'unavailable'}; killing it"
     )
     print(message, file=sys.stderr, flush=True)
     worker.signal(signal.SIGKILL)
@@ -278,7 +236,7 @@ class ChildWatcher:
             return None
         rank = self._ranks.get(w.pid)
         beat = read_beat(self.run_dir / "heartbeat" / f"rank{rank}.json") if rank is not None else None
-        late = overdue(beat, w, self.startup_s, self.grace_s, w.running(state))
+        late = overdue(beat, w, self.startup_s, self.grace_s)
         return None if late is None else (w, state, rank, beat if w.owns(beat) else None, late)
 
     def _victims(self, late: list[tuple]) -> list[tuple]:
@@ -315,10 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--stacks", type=Path, required=True)
     p.add_argument("--poll", type=float, default=0.25)
-    p.add_argument("--startup-s", type=float, default=600.0, help="the long deadline of a running worker")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    watch(a.heartbeat, a.pid, a.run_dir, a.rank, a.stacks, a.poll, a.startup_s)
+    watch(a.heartbeat, a.pid, a.run_dir, a.rank, a.stacks, a.poll)
     return 0
 
 

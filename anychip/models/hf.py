@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -19,7 +18,6 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, ConfigError
 from .deepseek.args import ModelArgs, YarnScaling
-from .deepseek.bounds import check_model_fields, field_problem
 from .deepseek.init import shard_rows
 from .deepseek.model import DeepSeekV3
 from .deepseek.state_dict_adapter import Slot, hf_to_slot, to_hf
@@ -79,7 +77,6 @@ _FIXED = {
     "pretraining_tp": 1,
     "attention_dropout": 0.0,
 }
-_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": 0.0, "mscale_all_dim": 0.0}  # when absent or 0
 _YARN_KEYS = {
     "rope_type",
     "type",
@@ -98,27 +95,17 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     """ModelArgs from a DeepseekV3 ``config.json`` dict (Hub or transformers 5 style).
 
     Raises ConfigError naming the field for an unknown field, an unsupported value
-    (e.g. FP8 ``quantization_config``), a value of the wrong type or beyond anychip's
-    maxima (``models/deepseek/bounds.py``: checked before anything is built from it), or a
-    value the architecture cannot take.
+    (e.g. FP8 ``quantization_config``), or a value the architecture cannot take.
     """
 
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{source}: field {key!r} {msg}")
 
-    def number(key: str, value):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise fail(key, f"= {value!r}: expected a finite number")
-        return value
-
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: holds a {type(cfg).__name__}; expected a JSON object of config fields")
     cfg = dict(cfg)
     if cfg.get("model_type", "deepseek_v3") != "deepseek_v3":
         raise fail("model_type", f"is {cfg['model_type']!r}; expected 'deepseek_v3'")
     if "quantization_config" in cfg:
-        quant = cfg["quantization_config"]
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        method = cfg["quantization_config"].get("quant_method", "?")
         raise fail("quantization_config", f"declares {method!r} weights; dequantize to bf16/fp32 first")
     kw: dict = {}
     for key in _DIRECT:
@@ -129,12 +116,10 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     for key in ("n_group", "topk_group"):
         if key in kw and kw[key] is None:
             kw[key] = 1
-    dense = "n_routed_experts" in kw and kw["n_routed_experts"] is None
-    if dense:
+    if kw.get("n_routed_experts") is None and "n_routed_experts" in kw:
+        if kw.get("first_k_dense_replace", 0) < kw.get("num_hidden_layers", 1):
+            raise fail("n_routed_experts", "is null but the model has MoE layers")
         del kw["n_routed_experts"]
-    check_model_fields(kw, source)  # types and maxima, before any comparison or allocation
-    if dense and kw.get("first_k_dense_replace", 0) < kw.get("num_hidden_layers", 1):
-        raise fail("n_routed_experts", "is null but the model has MoE layers")
     extra = {k: cfg.pop(k) for k in _CARRIED if k in cfg}
     for key in _METADATA:
         cfg.pop(key, None)
@@ -144,17 +129,14 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     alpha, seq_aux = cfg.pop("aux_loss_alpha", 0.0), cfg.pop("seq_aux", True)
     if alpha and not seq_aux:
         raise fail("seq_aux", "is false: only the sequence-wise balance loss is implemented")
-    kw["seq_aux_loss_alpha"] = float(number("aux_loss_alpha", alpha or 0.0))
+    kw["seq_aux_loss_alpha"] = float(alpha or 0.0)
 
-    rope = cfg.pop("rope_parameters", None) or cfg.pop("rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        raise fail("rope_scaling", f"= {rope!r}: expected null or a table")
-    rope = dict(rope)
+    rope = dict(cfg.pop("rope_parameters", None) or cfg.pop("rope_scaling", None) or {})
     cfg.pop("rope_scaling", None)
     theta = cfg.pop("rope_theta", None)
     theta = rope.pop("rope_theta", theta)
     if theta is not None:
-        kw["rope_theta"] = float(number("rope_theta", theta))
+        kw["rope_theta"] = float(theta)
     unknown_rope = set(rope) - _YARN_KEYS
     if unknown_rope:
         raise fail("rope_scaling", f"has unknown keys {sorted(unknown_rope)}")
@@ -166,16 +148,15 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         orig = rope.get("original_max_position_embeddings")
         if orig is None:
             raise fail("rope_scaling", "lacks original_max_position_embeddings for yarn")
-        if field_problem("rope_scaling", {"factor": 1.0, "original_max_position_embeddings": orig}) or not orig:
-            raise fail("rope_scaling", f"has original_max_position_embeddings = {orig!r}: expected a positive integer")
         if factor is None:
             factor = kw.get("max_position_embeddings", ModelArgs.max_position_embeddings) / orig
-        yarn = {"factor": factor, "original_max_position_embeddings": orig}
-        yarn |= {k: rope.get(k) or default for k, default in _YARN_DEFAULTS.items()}
-        if problem := field_problem("rope_scaling", yarn):
-            raise fail("rope_scaling", problem)
         kw["rope_scaling"] = YarnScaling(
-            **{k: v if k == "original_max_position_embeddings" else float(v) for k, v in yarn.items()}
+            factor=float(factor),
+            original_max_position_embeddings=int(orig),
+            beta_fast=float(rope.get("beta_fast") or 32),
+            beta_slow=float(rope.get("beta_slow") or 1),
+            mscale=float(rope.get("mscale") or 0.0),
+            mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
         )
     elif rope_type != "default":
         raise fail("rope_scaling", f"has type {rope_type!r}; supported: 'default', 'yarn'")
@@ -233,7 +214,7 @@ def read_hf_config(path: str | os.PathLike) -> ModelArgs:
         raise CheckpointError(f"{file}: missing; a Hugging Face model directory needs config.json")
     try:
         cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     return args_from_hf_config(cfg, str(file))
 
@@ -288,13 +269,11 @@ def load_hf(
     The returned model's ``mtp_initialized`` is True when its MTP modules were initialised
     rather than loaded (the training loop records it), else False.
 
-    Raises what ``hf_model_args`` and ``fill_from_hf`` raise, the shapes and dtypes checked
-    against the files' headers before the model is given any memory (``check_hf_tensors``).
+    Raises what ``hf_model_args`` and ``fill_from_hf`` raise.
     """
     args = hf_model_args(path, mtp, **overrides)
     with torch.device("meta"):
         model = DeepSeekV3(args)
-    check_hf_tensors(model, path, mtp)  # from the headers: no memory for shapes the files do not hold
     if dtype != torch.float32:
         model.to(dtype)
         for m in model.moe_layers():
@@ -327,24 +306,40 @@ def fill_from_hf(model: DeepSeekV3, path: str | os.PathLike, mtp: str = "auto") 
     its own shards (safetensors slices) and never holds a whole tensor it does not own.
     Returns True when the MTP modules were initialised afresh instead (see ``load_hf``).
 
-    Every tensor is first checked from the files' headers alone (``check_hf_tensors``),
-    then read. Raises CheckpointError naming the file and tensor for what that check
-    refuses, for an unreadable file, or for a non-finite tensor (only where this rank reads
-    it).
+    Every slot of every anychip tensor (each expert of a stacked tensor, each half of a
+    fused gate/up matrix) must be given exactly once. Raises CheckpointError naming the file
+    and tensor for a missing, unreadable, misshapen, duplicated or non-finite tensor (a
+    non-finite value only where this rank reads it), or for MTP modules only partly present.
     """
     path = Path(path)
-    plan, fresh_mtp = _hf_plan(model, path, mtp)
+    declared = read_hf_config(path)
+    args = model.args
     targets = model.state_dict(keep_vars=True)
+    if args.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    shapes = {n: torch.empty(t.shape, device="meta") for n, t in targets.items()}
+    expected = {hf_to_slot(args, key): key for key, _ in to_hf(args, shapes)}  # every slot, with its HF name
     shards = {n: (*shard_rows(t), tuple(t.shape)) for n, t in targets.items()}  # (local, first row, full shape)
-    for file, entries in plan:
+    filled: dict[Slot, Path] = {}
+    mtp_tensors = 0
+    for file in _weight_files(path):
         try:
-            for f, (key, slot) in _entries_remapped(file, entries):
-                _copy_rows(f, key, slot, file, shards)
+            for f, key in _keys_remapped(file):
+                if _is_mtp(declared, key):
+                    mtp_tensors += 1
+                    if mtp == "drop":
+                        continue
+                _load_tensor(args, f, key, file, shards, expected, filled)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    fresh_mtp = mtp == "auto" and args.num_nextn_predict_layers > 0 and mtp_tensors == 0
+    missing = [s for s in expected if s not in filled and not (fresh_mtp and s.name.startswith("mtp."))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {expected[missing[0]]!r} ({_describe(missing[0])}) is missing{more}")
     if fresh_mtp:
         warnings.warn(
-            f"{path}: config.json declares {model.args.num_nextn_predict_layers} MTP module(s) but the files hold no "
+            f"{path}: config.json declares {args.num_nextn_predict_layers} MTP module(s) but the files hold no "
             "MTP tensor; the main model is loaded exactly and the MTP modules are initialised afresh (seed 0). "
             "Pass mtp='drop' to build the model without them.",
             stacklevel=2,
@@ -355,68 +350,18 @@ def fill_from_hf(model: DeepSeekV3, path: str | os.PathLike, mtp: str = "auto") 
     return fresh_mtp
 
 
-def check_hf_tensors(model: DeepSeekV3, path: str | os.PathLike, mtp: str = "auto") -> bool:
-    """Check the tensors of the Hugging Face directory ``path`` against ``model`` (built with
-    ``hf_model_args(path, mtp)``, on the meta device or not) from the safetensors headers
-    alone: nothing is allocated or read beyond them, so a config.json whose shapes the files
-    do not hold is refused before any memory is given to the model. Returns True when the
-    MTP modules will be initialised afresh (see ``load_hf``).
-
-    Every slot of every anychip tensor (each expert of a stacked tensor, each half of a
-    fused gate/up matrix) must be given exactly once, with its shape, and as floating-point
-    values where the model's tensor is floating-point (integers are never cast to weights).
-    Raises CheckpointError naming the file and tensor for a missing, unreadable, misshapen,
-    duplicated or non-float tensor, or for MTP modules only partly present."""
-    return _hf_plan(model, Path(path), mtp)[1]
-
-
-def _hf_plan(model: DeepSeekV3, path: Path, mtp: str) -> tuple[list[tuple[Path, list[tuple[str, Slot]]]], bool]:
-    """``check_hf_tensors``, returning also what to read: each weight file with the (HF key,
-    slot) of each of its tensors that goes into the model."""
-    declared = read_hf_config(path)
-    args = model.args
-    targets = model.state_dict(keep_vars=True)
-    if args.tie_word_embeddings:
-        targets.pop("lm_head.weight", None)
-    shapes = {n: torch.empty(t.shape, device="meta") for n, t in targets.items()}
-    expected = {hf_to_slot(args, key): key for key, _ in to_hf(args, shapes)}  # every slot, with its HF name
-    filled: dict[Slot, Path] = {}
-    plan = []
-    mtp_tensors = 0
-    for file in _weight_files(path):
-        entries = []
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                keys = f.keys()  # the header's: nothing is read
-                for key in keys:
-                    if _is_mtp(declared, key):
-                        mtp_tensors += 1
-                        if mtp == "drop":
-                            continue
-                    slot = _checked_slot(args, f, key, file, targets, expected, filled)
-                    if slot is not None:
-                        entries.append((key, slot))
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-        plan.append((file, entries))
-    fresh_mtp = mtp == "auto" and args.num_nextn_predict_layers > 0 and mtp_tensors == 0
-    missing = [s for s in expected if s not in filled and not (fresh_mtp and s.name.startswith("mtp."))]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: tensor {expected[missing[0]]!r} ({_describe(missing[0])}) is missing{more}")
-    return plan, fresh_mtp
-
-
-def _entries_remapped(file: Path, entries: list[tuple[str, Slot]]):
-    """(open file, entry) for every entry of ``file``, the file opened anew after every
+def _keys_remapped(file: Path):
+    """(open file, key) for every tensor of ``file``, the file opened anew after every
     READ_BYTES_PER_OPEN bytes: the pages of a mapping stay resident until it is closed."""
+    with safe_open(file, framework="pt", device="cpu") as f:
+        keys = list(f.keys())
     done = 0
-    while done < len(entries):
+    while done < len(keys):
         with safe_open(file, framework="pt", device="cpu") as f:
             read = 0
-            while done < len(entries) and read < READ_BYTES_PER_OPEN:
-                yield f, entries[done]
-                read += _tensor_bytes(f, entries[done][0])
+            while done < len(keys) and read < READ_BYTES_PER_OPEN:
+                yield f, keys[done]
+                read += _tensor_bytes(f, keys[done])
                 done += 1
 
 
@@ -429,11 +374,6 @@ def _tensor_bytes(f, key: str) -> int:
     for d in sl.get_shape():
         n *= d
     return n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
-
-
-def _is_float(safetensors_dtype: str) -> bool:
-    """Whether a safetensors header dtype ("F32", "BF16", "F8_E4M3", "I64", "BOOL", ...) holds floating-point values."""
-    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"
 
 
 def _is_mtp(args: ModelArgs, key: str) -> bool:
@@ -451,50 +391,28 @@ def _describe(slot: Slot) -> str:
     return where
 
 
-def _slot_shape(slot: Slot, full: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the HF tensor that fills ``slot`` of an anychip tensor of shape ``full``."""
-    want = tuple(full[1:]) if slot.expert is not None else tuple(full)
-    if slot.half is not None:
-        want = (want[0] // 2, *want[1:])
-    return want
-
-
-def _checked_slot(args, f, key: str, file: Path, targets: dict, expected: dict, filled: dict) -> Slot | None:
-    """The slot HF tensor ``key`` fills (None: one anychip does not keep), after checking from
-    the file's header that it belongs, comes once, and has the slot's shape and kind of dtype."""
+def _load_tensor(args, f, key: str, file: Path, shards: dict, expected: dict, filled: dict) -> None:
+    """Copy this rank's rows of HF tensor ``key`` into its slot; checks the whole tensor's
+    shape (from the file's header) on every rank, reads only the rows this rank holds."""
     try:
         slot = hf_to_slot(args, key)
     except KeyError:
         raise CheckpointError(f"{file}: tensor {key!r} does not belong to this DeepSeek-V3 config") from None
     if slot is None:
-        return None
+        return
     if slot not in expected:
         raise CheckpointError(f"{file}: tensor {key!r} ({_describe(slot)}) does not belong to this config")
     if slot in filled:
         raise CheckpointError(f"{file}: tensor {key!r} is given more than once (also in {filled[slot]})")
-    target = targets[slot.name]
-    want = _slot_shape(slot, tuple(target.shape))
+    local, start, full = shards[slot.name]
+    stop = start + local.shape[0]
+    want = tuple(full[1:]) if slot.expert is not None else tuple(full)
+    if slot.half is not None:
+        want = (want[0] // 2, *want[1:])
     sl = f.get_slice(key)
     if tuple(sl.get_shape()) != want:
         raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(sl.get_shape())}; expected {want}")
-    stored = sl.get_dtype()
-    if _is_float(stored) != target.dtype.is_floating_point:
-        kind = "floating-point" if target.dtype.is_floating_point else str(target.dtype).removeprefix("torch.")
-        raise CheckpointError(
-            f"{file}: tensor {key!r} holds {stored} values; {_describe(slot)} takes {kind} values "
-            "(refusing to cast them)"
-        )
     filled[slot] = file
-    return slot
-
-
-def _copy_rows(f, key: str, slot: Slot, file: Path, shards: dict) -> None:
-    """Copy this rank's rows of HF tensor ``key`` (checked by ``_checked_slot``) into its
-    slot; reads only the rows this rank holds."""
-    local, start, full = shards[slot.name]
-    stop = start + local.shape[0]
-    want = _slot_shape(slot, full)
-    sl = f.get_slice(key)
     if slot.expert is not None:  # one expert of a stacked tensor: whole, if this rank holds it
         if not start <= slot.expert < stop:
             return

@@ -26,32 +26,24 @@ from ..config import Config
 from ..dcp_reader import safe_load
 from ..device import Device
 from ..errors import CheckpointError
-from ..export import check_checkpoint_tensors, checkpoint_args
+from ..export import checkpoint_args
 from ..init_from import resolve_init
 from ..models import DeepSeekV3, ModelArgs
 from ..models.deepseek.args import SHAPE_FREE
-from ..models.hf import check_hf_tensors, fill_from_hf, hf_model_args
+from ..models.hf import fill_from_hf, hf_model_args
 from ..parallel import World, copy_shards, parallelize, unwrap
 
 
 def model_source(cfg: Config, vocab_size: int) -> tuple[ModelArgs, tuple[str, Path] | None]:
     """The run's ModelArgs and where its weights come from: None (random init) or
-    ``resolve_init(model.init_from)``. Reads only config files and the headers of the
-    weights (safetensors headers, DCP metadata), which must hold the shapes the config files
-    give before any rank gives the model memory: CheckpointError naming the file and the
-    tensor (ConfigError for a shape field of the wrong type or beyond its bounds). Raises
-    ValueError when the init_from model's vocabulary is smaller than the tokenizer's."""
+    ``resolve_init(model.init_from)``. Reads only config files. Raises ValueError when the
+    init_from model's vocabulary is smaller than the tokenizer's."""
     if not cfg.model.init_from:
         return cfg.model_args(vocab_size), None
     shape_free = {k: v for k, v in cfg.model.overrides.items() if k in SHAPE_FREE}
     # the config refused shape fields that differ from the model's own
     kind, path = resolve_init(cfg.model.init_from)
     args = hf_model_args(path, **shape_free) if kind == "hf" else checkpoint_args(path)[0].replace(**shape_free)
-    if kind == "hf":
-        with torch.device("meta"):
-            check_hf_tensors(DeepSeekV3(args), path)
-    else:
-        check_checkpoint_tensors(path, args)
     if args.vocab_size < vocab_size:
         raise ValueError(
             f"model.init_from {cfg.model.init_from}: vocab_size {args.vocab_size} < tokenizer's {vocab_size} tokens"
