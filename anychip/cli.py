@@ -9,13 +9,11 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, GRPO_CONFIG, load_config
 from .errors import UNRECOVERABLE, ConfigError
-from .events import append_event
 from .launch import FATAL
 from .launcher_env import LAUNCHER_PID, POOL, PREEMPTED
 from .pools.launch import CONFIG as POOLS_CONFIG
@@ -151,10 +149,11 @@ def launch_workers(cfg, run_dir: Path) -> int:
         print(f"anychip: {json.loads(fatal.read_text())['error']}", file=sys.stderr)
         return 2
     if outcome != "done" and preemption.signal is not None:
-        message = f"{preemption.why_killed()}; --resume continues from the newest snapshot or checkpoint"
-        with contextlib.suppress(OSError):  # the run's state: ended here, not "running" until it goes stale
-            append_event(run_dir, "run_end", status="killed", error=message)
-        print(f"anychip: {message}", file=sys.stderr)
+        print(
+            f"anychip: {preemption.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
+            f"{p.preempt_grace_s:g} s and were killed",
+            file=sys.stderr,
+        )
         return 1
     if outcome == "stopped":
         print(f"anychip: stopped by {agent.stop_reason}", file=sys.stderr)
@@ -176,24 +175,20 @@ def _say(message: str) -> None:
 
 class _Preemption:
     """The launcher's side of a preemption: SIGTERM/SIGINT become the workers' preemption
-    signal; after the grace period (or a second signal) the workers are killed, and
-    ``why_killed`` says which, and when."""
+    signal; after the grace period (or a second signal) the workers are killed."""
 
     def __init__(self, grace_s: float, workers):
         from .train.preempt import PREEMPT_SIGNAL
 
         self.grace_s, self._workers, self._sig = grace_s, workers, PREEMPT_SIGNAL
         self.signal: str | None = None
-        self.since: float | None = None  # time.monotonic() of the first signal
-        self.killed: tuple[str, float] | None = None  # (the second signal or "grace", when) once killed
         self._timer: threading.Timer | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second signal: now
-            self._kill(signal.Signals(signum).name)
+            self._kill()
             return
-        self.since = time.monotonic()
         self.signal = signal.Signals(signum).name
         os.environ[PREEMPTED] = self.signal  # a worker (re)started from now on stops at once
         print(
@@ -205,26 +200,11 @@ class _Preemption:
         for pid in self._workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, self._sig)
-        self._timer = threading.Timer(self.grace_s, self._kill, args=("grace",))
+        self._timer = threading.Timer(self.grace_s, self._kill)
         self._timer.daemon = True
         self._timer.start()
 
-    def why_killed(self) -> str:
-        """What stopped the workers before they exited by themselves, and when."""
-        if self.killed is None:
-            return f"{self.signal}: the workers stopped before they checkpointed"
-        by, at = self.killed
-        after = at - self.since if self.since is not None else 0.0
-        if by == "grace":
-            return (
-                f"{self.signal}: the workers did not checkpoint within parallel.preempt_grace_s = "
-                f"{self.grace_s:g} s and were killed"
-            )
-        return f"{by} {after:.1f} s after the first {self.signal}: the workers were killed before they checkpointed"
-
-    def _kill(self, by: str) -> None:
-        if self.killed is None:
-            self.killed = (by, time.monotonic())
+    def _kill(self) -> None:
         # the agent's handler of SIGHUP stops it (no restart) and takes the workers down
         os.kill(os.getpid(), signal.SIGHUP)
         for pid in self._workers():

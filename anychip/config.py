@@ -83,11 +83,6 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-# durations are bounded: a timer, a timedelta or a lighthouse timeout in ms overflows long before 1e300 s,
-# and a deadline beyond these is a typo, not a plan
-HOUR_S = 3600.0
-DAY_S = 86400.0
-
 # the fault kinds of chaos mode: anychip/chaos.py describes them and takes them from here
 FAULT_KINDS = (
     "kill",
@@ -253,7 +248,7 @@ class ParallelConfig:
     group and re-enters training in the same process (a new group, state from the newest snapshot),
     up to max_restarts times per process; a dead or stuck worker is started again alone under
     `anychip train`'s agent (its peers restart in place), every worker of its node under torchrun."""
-    preempt_grace_s: Annotated[float, Range(gt=0, le=DAY_S)] = 30.0
+    preempt_grace_s: Annotated[float, Range(gt=0)] = 30.0
     """After SIGTERM/SIGINT every rank checkpoints at the next step boundary and exits 0; SIGKILL after
     this many seconds."""
 
@@ -307,11 +302,11 @@ class GuardsConfig:
     """Hang watchdog: a process beside each worker kills it when it stops making progress."""
     watchdog_factor: Annotated[float, Range(gt=0)] = 2.0
     """Hang deadline = factor x median step time + grace."""
-    watchdog_grace_s: Annotated[float, Range(ge=0, le=DAY_S)] = 5.0
+    watchdog_grace_s: Annotated[float, Range(ge=0)] = 5.0
     """Seconds added to the hang deadline."""
-    watchdog_startup_s: Annotated[float, Range(gt=0, le=DAY_S)] = 600.0
+    watchdog_startup_s: Annotated[float, Range(gt=0)] = 600.0
     """Deadline outside steps: start-up, checkpoint steps, rollbacks, final evaluation."""
-    collective_timeout_s: Annotated[float, Range(gt=0, le=DAY_S)] = 600.0
+    collective_timeout_s: Annotated[float, Range(gt=0)] = 600.0
     """Process-group timeout of every collective, in seconds."""
     straggler_interval: Annotated[int, Range(ge=0)] = 50
     """Steps between straggler verdicts (every step is measured); 0 = off."""
@@ -346,7 +341,7 @@ class ChaosConfig:
     """What random faults draw from (bad_batch, sdc and pool_loss strike only where chaos.at names them)."""
     seed: int = 0
     """Seed of the random faults."""
-    slow_s: Annotated[float, Range(ge=0, le=HOUR_S)] = 0.5
+    slow_s: Annotated[float, Range(ge=0)] = 0.5
     """Delay per step of a slowed rank, in seconds."""
     slow_steps: Annotated[int, Range(ge=0)] = 20
     """Steps a slowed rank stays slow."""
@@ -423,7 +418,7 @@ class PoolsConfig:
     outer_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.5
     """DiLoCo: momentum of the outer optimizer. The DiLoCo paper's 0.9 (with H = 500) overshoots at small H:
     on `tiny` with H = 8 its held-out loss was 40% above per-step sync's after the same tokens, 0.5's 3-4%."""
-    timeout_s: Annotated[float, Range(gt=0, le=HOUR_S)] = 5.0
+    timeout_s: Annotated[float, Range(gt=0)] = 5.0
     """A pool silent this long is left out of the quorum: the others go on without it after at most about
     this long (the lighthouse's heartbeat timeout; the cross-pool collective's is 2 x this). The
     lighthouse is $TORCHFT_LIGHTHOUSE (`anychip train --pool I --lighthouse URL`), or the one that
