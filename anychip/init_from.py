@@ -2,9 +2,8 @@
 (its ``final/`` model, else its newest committed checkpoint) or one checkpoint of a run.
 
 ``resolve_init`` says which of these a path is; ``init_shape`` reads the model shapes it
-holds, which the configuration check compares with the ``[model]`` overrides (a checkpoint's
-through ``read_meta``, which type-checks and bounds each one). Loading the model itself is
-``anychip.export.load_init``.
+holds, which the configuration check compares with the ``[model]`` overrides. Loading the
+model itself is ``anychip.export.load_init``.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import committed
-from .errors import CheckpointError, ConfigError
-from .models.deepseek.bounds import check_model_fields
+from .errors import ConfigError
 from .models.hf import read_hf_config
 
 
@@ -47,29 +45,10 @@ def resolve_init(spec: str) -> tuple[str, Path]:
 def init_shape(kind: str, path: Path) -> dict:
     """The ModelArgs fields of the model ``model.init_from`` names (its config.json, or a
     checkpoint's meta.json), as JSON values; ``kind`` and ``path`` as ``resolve_init``
-    returns them. Each value is type-checked and bounded first (``models/deepseek/bounds.py``):
-    ConfigError naming the file and the key."""
+    returns them."""
     if kind == "hf":
         return json.loads(json.dumps(dataclasses.asdict(read_hf_config(path))))
     try:
-        return read_meta(path)[1]
-    except CheckpointError as e:
-        raise ConfigError(f"model.init_from: {e}") from None
-
-
-def read_meta(directory: Path) -> tuple[dict, dict]:
-    """meta.json of checkpoint ``directory`` and its ``model_shape`` (the checkpoint's own
-    shapes, also right for init_from runs), each field type-checked and bounded
-    (``check_model_fields``). Raises CheckpointError naming the file when it is missing or
-    not a JSON object with a ``model_shape`` table, ConfigError naming the file and the key
-    for a shape field of the wrong type, beyond its maximum, or unknown."""
-    file = directory / "meta.json"
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e})") from None
-    shape = meta.get("model_shape") if isinstance(meta, dict) else None
-    if not isinstance(shape, dict):
-        raise CheckpointError(f"{file}: holds no model_shape table")
-    check_model_fields(shape, f"{file}: model_shape")
-    return meta, dict(shape)
+        return json.loads((path / "meta.json").read_text())["model_shape"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.init_from: {path / 'meta.json'} is unreadable ({e})") from None
