@@ -163,35 +163,28 @@ def make_dir(run_dir: str | Path, relative: str | Path) -> Path:
     return run_dir / relative
 
 
-def remove_file(run_dir: str | Path, relative: str | Path) -> bool:
-    """Delete the regular file ``run_dir/relative`` if it exists (True when it did); UnsafePath for a link
-    (neither it nor its target is deleted)."""
-    run_dir, relative = Path(run_dir), Path(relative)
+def _remove(run_dir: Path, relative: Path, kind: int, delete) -> bool:
+    """Delete ``run_dir/relative`` with ``delete(name, dir_fd=...)`` if it exists and is of ``kind``."""
     try:
         dfd = _open_dir(run_dir, relative.parts[:-1], create=False)
     except FileNotFoundError:
         return False
     try:
-        if not _check_name(dfd, relative.name, run_dir / relative):
+        if not _check_name(dfd, relative.name, run_dir / relative, kind):
             return False
-        os.unlink(relative.name, dir_fd=dfd)
+        delete(relative.name, dir_fd=dfd)
         return True
     finally:
         os.close(dfd)
+
+
+def remove_file(run_dir: str | Path, relative: str | Path) -> bool:
+    """Delete the regular file ``run_dir/relative`` if it exists (True when it did); UnsafePath for a link
+    (neither it nor its target is deleted)."""
+    return _remove(Path(run_dir), Path(relative), stat.S_IFREG, os.unlink)
 
 
 def remove_dir(run_dir: str | Path, relative: str | Path) -> bool:
     """Delete the directory ``run_dir/relative`` and what it holds, if it exists (True when it did);
     UnsafePath for a link. Links inside are removed, never followed (``shutil.rmtree``'s fd-based walk)."""
-    run_dir, relative = Path(run_dir), Path(relative)
-    try:
-        dfd = _open_dir(run_dir, relative.parts[:-1], create=False)
-    except FileNotFoundError:
-        return False
-    try:
-        if not _check_name(dfd, relative.name, run_dir / relative, stat.S_IFDIR):
-            return False
-        shutil.rmtree(relative.name, dir_fd=dfd)
-        return True
-    finally:
-        os.close(dfd)
+    return _remove(Path(run_dir), Path(relative), stat.S_IFDIR, shutil.rmtree)
